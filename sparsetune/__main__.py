@@ -1,0 +1,3 @@
+from sparsetune.cli import main
+
+main()

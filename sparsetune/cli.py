@@ -1,0 +1,221 @@
+"""The `sparsetune` command line: thin commands over the recipe, run directory, training and export."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from sparsetune.errors import UserError, unknown
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="Sparse fine-tuning of pretrained language models from YAML recipes.")
+recipes_app = typer.Typer(no_args_is_help=True, help="List, show and copy the shipped recipes.")
+app.add_typer(recipes_app, name="recipes")
+
+out = Console()
+log = Console(stderr=True)
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file")]
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. train.lr=2e-4")]
+RunArg = Annotated[Path, typer.Argument(help="run directory (the recipe's output_dir)")]
+Force = Annotated[bool, typer.Option("--force", help="recompute even when a result exists")]
+Checkpoint = Annotated[str, typer.Option(help="'final' or a checkpoint folder name such as step-100")]
+
+
+def _load(recipe_path: Path, overrides: list[str] | None):
+    from sparsetune.recipe import load_recipe
+    from sparsetune.rundir import RunDir
+
+    recipe = load_recipe(recipe_path, overrides or [])
+    return recipe, RunDir(recipe.output_dir)
+
+
+def _run_stage(stage: str, recipe, run, force: bool) -> None:
+    """Run warm-up or selection when the method has it and its saved result is missing or --force."""
+    from sparsetune.methods import method_class
+    from sparsetune.train import build
+
+    method_cls = method_class(recipe.method.name)
+    if stage not in method_cls.stages:
+        log.print(f"{stage}: method '{recipe.method.name}' has no {stage} stage; nothing to do")
+        return
+    method = method_cls(recipe)
+    fingerprint = method.stage_fingerprint(stage)
+    if not force and run.check_stage(stage, fingerprint):
+        log.print(f"{stage}: up to date in {run.stage_dir(stage)}")
+        return
+    session = build(recipe, None)
+    summary = getattr(method, stage)(session.loaded, session.data, run)
+    run.record_stage(stage, fingerprint, summary=summary)
+    log.print(f"{stage}: {summary}")
+
+
+@app.command()
+def train(
+    recipe_path: RecipeArg,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the newest complete checkpoint")] = False,
+    force: Annotated[bool, typer.Option("--force", help="delete earlier training outputs and start over")] = False,
+    stop_at_step: Annotated[Optional[int], typer.Option(help="checkpoint and stop after this step")] = None,
+) -> None:
+    """Run warm-up and selection when missing, train, then evaluate on the dev split(s)."""
+    from sparsetune.train import train_run
+
+    recipe, run = _load(recipe_path, overrides)
+    if run.has_training_outputs():
+        if force:
+            run.clear_training_outputs()
+        elif not resume:
+            raise UserError(f"output_dir '{run.root}' already holds a training run; pass --resume to continue "
+                            "or --force to start over")
+        elif changed := run.changed_keys(recipe):
+            raise UserError(f"cannot resume '{run.root}': the recipe changed ({', '.join(changed)})")
+    run.open(recipe)
+    for stage in ("warmup", "select"):
+        _run_stage(stage, recipe, run, force=False)
+    results = train_run(recipe, run, log, resume, stop_at_step)
+    if results:
+        _print_results(results, run)
+
+
+def _print_results(results: dict, run) -> None:
+    metrics = " ".join(f"{k}={v:.4f}" for k, v in results["metrics"].items())
+    out.print(f"{results['task']} {'/'.join(results['splits'])}: {metrics}")
+    out.print(f"results: {run.eval_dir / 'results.json'}")
+
+
+@app.command()
+def warmup(recipe_path: RecipeArg, overrides: Overrides = None, force: Force = False) -> None:
+    """Warm-up stage: score what the method may train (writes warmup/)."""
+    recipe, run = _load(recipe_path, overrides)
+    run.open(recipe)
+    _run_stage("warmup", recipe, run, force)
+
+
+@app.command("select")
+def select_(recipe_path: RecipeArg, overrides: Overrides = None, force: Force = False) -> None:
+    """Selection stage: choose the trained entries from the warm-up scores (writes mask/)."""
+    recipe, run = _load(recipe_path, overrides)
+    run.open(recipe)
+    _run_stage("select", recipe, run, force)
+
+
+@app.command("eval")
+def eval_(run_dir: RunArg, checkpoint: Checkpoint = "final") -> None:
+    """Score a run on its dev split(s): eval/results.json and eval/predictions.jsonl."""
+    from sparsetune.rundir import RunDir
+    from sparsetune.train import restore, write_eval
+
+    run = RunDir(run_dir)
+    results = write_eval(run, restore(run, checkpoint), checkpoint)
+    _print_results(results, run)
+
+
+@app.command("export-delta")
+def export_delta(
+    run_dir: RunArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="file (delta) or folder (merged, peft) to write")],
+    fmt: Annotated[str, typer.Option("--format", help="auto (the method's own), delta, merged or peft")] = "auto",
+    checkpoint: Checkpoint = "final",
+) -> None:
+    """Write the tuned task as a delta over the base model (or a merged model / PEFT adapter)."""
+    from sparsetune.methods.base import EXPORT_FORMATS
+    from sparsetune.models import HeadSpec, load_model
+    from sparsetune.data import task_spec
+    from sparsetune.rundir import RunDir
+    from sparsetune.train import restore
+
+    if fmt not in EXPORT_FORMATS:
+        raise unknown("--format", fmt, EXPORT_FORMATS)
+    session = restore(RunDir(run_dir), checkpoint, with_data=False)
+    base = load_model(session.recipe.model.name, HeadSpec.for_task(task_spec(session.recipe.task.name)))
+    path = session.method.export(session.model, base, output, fmt)
+    size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    out.print(f"wrote {path} ({size:,} bytes)")
+
+
+@app.command("apply-delta")
+def apply_delta(
+    delta: Annotated[Path, typer.Argument(help="delta file or PEFT adapter folder written by export-delta")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="folder for the merged Hugging Face model")],
+    base: Annotated[Optional[str], typer.Option(help="base model; default: the one recorded in the delta")] = None,
+) -> None:
+    """Turn the base model plus a delta into a merged model folder that from_pretrained loads."""
+    from sparsetune.methods.lora import apply_adapter, read_adapter_meta
+    from sparsetune.models import HeadSpec, load_model
+    from sparsetune.rundir import atomic_path
+    from sparsetune.sparse.delta import apply_delta as apply_to, read_delta
+
+    adapter = delta.is_dir()
+    tensors, meta = (None, read_adapter_meta(delta)) if adapter else read_delta(delta)
+    loaded = load_model(base or meta["base_model"], HeadSpec(**meta["head"]))
+    if adapter:
+        model = apply_adapter(loaded.model, delta, meta)
+    else:
+        apply_to(loaded.model, tensors, meta)
+        model = loaded.model
+    with atomic_path(output) as tmp:
+        model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+    out.print(f"wrote {output}")
+
+
+@app.command()
+def validate(recipe_path: RecipeArg, overrides: Overrides = None) -> None:
+    """Print the resolved recipe and the trainable-parameter count, without training."""
+    from sparsetune.train import build
+
+    recipe, _ = _load(recipe_path, overrides)
+    out.print(recipe.to_yaml(), end="", markup=False, highlight=False)
+    session = build(recipe, None, with_data=False)
+    total = sum(p.numel() for p in session.loaded.model.parameters())
+    trainable = session.method.trainable_count(session.model)
+    out.print(f"# trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+
+
+@recipes_app.command("ls")
+def recipes_ls() -> None:
+    """List the shipped recipes."""
+    for path in sorted(RECIPES_DIR.rglob("*.yaml")):
+        out.print(str(path.relative_to(RECIPES_DIR).with_suffix("")))
+
+
+def _shipped(name: str) -> Path:
+    path = RECIPES_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    if not path.is_file():
+        names = [str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml")]
+        raise unknown("recipe", name, names)
+    return path
+
+
+@recipes_app.command("show")
+def recipes_show(name: Annotated[str, typer.Argument(help="e.g. glue/sst2-full")]) -> None:
+    """Print a shipped recipe."""
+    out.print(_shipped(name).read_text(), end="", markup=False, highlight=False)
+
+
+@recipes_app.command("cp")
+def recipes_cp(name: Annotated[str, typer.Argument(help="e.g. glue/sst2-full")],
+               dest: Annotated[Path, typer.Argument(help="file or folder to copy it to")]) -> None:
+    """Copy a shipped recipe to edit it."""
+    target = dest / _shipped(name).name if dest.is_dir() else dest
+    shutil.copyfile(_shipped(name), target)
+    out.print(f"wrote {target}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, prog_name="sparsetune")
+    except UserError as exc:
+        log.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        log.print("interrupted; continue with --resume", markup=False)
+        sys.exit(130)

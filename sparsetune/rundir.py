@@ -1,0 +1,171 @@
+"""Run-directory layout, atomic writes, and the manifest that lets each stage refuse stale inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sparsetune import __version__
+from sparsetune.errors import UserError
+from sparsetune.recipe import Recipe, build_recipe
+
+TRAIN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "eval")
+_STEP_DIR = re.compile(r"step-(\d+)$")
+
+
+def package_versions() -> dict[str, str]:
+    names = ("torch", "transformers", "peft", "datasets", "safetensors", "numpy")
+    versions = {"python": platform.python_version(), "sparsetune": __version__}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling to write (a file or a folder); it replaces `path` only on success."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    _remove(tmp)
+    try:
+        yield tmp
+        _remove(path)
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def write_json(path: Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+class RunDir:
+    """One run's folder. Stages read what earlier stages wrote, checked by recipe fingerprints."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    recipe_path = property(lambda self: self.root / "recipe.yaml")
+    manifest_path = property(lambda self: self.root / "manifest.json")
+    metrics_path = property(lambda self: self.root / "metrics.jsonl")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    final = property(lambda self: self.root / "final")
+    eval_dir = property(lambda self: self.root / "eval")
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    # --- the recipe and manifest --------------------------------------------------------------
+    def load_recipe(self) -> Recipe:
+        if not self.recipe_path.is_file():
+            raise UserError(f"'{self.root}' is not a sparsetune run directory (no recipe.yaml)")
+        return build_recipe(yaml.safe_load(self.recipe_path.read_text()), str(self.recipe_path))
+
+    def manifest(self) -> dict:
+        return read_json(self.manifest_path) if self.manifest_path.is_file() else {}
+
+    def open(self, recipe: Recipe) -> None:
+        """Create or re-enter the run directory for `recipe`, saving the resolved recipe and manifest."""
+        if self.root.exists() and any(self.root.iterdir()) and not self.recipe_path.is_file():
+            raise UserError(f"output_dir: '{self.root}' is not empty and is not a sparsetune run directory")
+        self.root.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.recipe_path) as tmp:
+            tmp.write_text(recipe.to_yaml())
+        manifest = self.manifest()
+        manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        manifest.update(seed=recipe.seed, versions=package_versions(), recipe_fingerprint=recipe.fingerprint())
+        manifest.setdefault("stages", {})
+        write_json(self.manifest_path, manifest)
+
+    def record_stage(self, stage: str, fingerprint: str, **info: Any) -> None:
+        manifest = self.manifest()
+        manifest.setdefault("stages", {})[stage] = {"fingerprint": fingerprint, **info}
+        write_json(self.manifest_path, manifest)
+
+    def check_stage(self, stage: str, fingerprint: str) -> bool:
+        """True when `stage` was completed for this fingerprint; a stale result is an error."""
+        done = self.manifest().get("stages", {}).get(stage)
+        if done is None:
+            return False
+        if done["fingerprint"] != fingerprint:
+            raise UserError(
+                f"{self.root}: the {stage} stage was computed for a different recipe "
+                f"(model, data or method changed); rerun with --force to recompute it"
+            )
+        return True
+
+    def changed_keys(self, recipe: Recipe) -> list[str]:
+        """Dotted recipe keys that differ from the recipe saved in the run directory."""
+        if not self.recipe_path.is_file():
+            return []
+        old = yaml.safe_load(self.recipe_path.read_text())
+        new = recipe.model_dump(mode="json")
+
+        def diff(a: Any, b: Any, prefix: str) -> list[str]:
+            if isinstance(a, dict) and isinstance(b, dict):
+                return [k for key in sorted(set(a) | set(b)) for k in diff(a.get(key), b.get(key), f"{prefix}{key}.")]
+            return [] if a == b else [prefix.rstrip(".")]
+
+        return [k for k in diff(old, new, "") if k != "output_dir"]
+
+    def has_training_outputs(self) -> bool:
+        return any((self.root / name).exists() for name in TRAIN_OUTPUTS)
+
+    def clear_training_outputs(self) -> None:
+        for name in TRAIN_OUTPUTS:
+            _remove(self.root / name)
+        manifest = self.manifest()
+        manifest.get("stages", {}).pop("train", None)
+        write_json(self.manifest_path, manifest)
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def checkpoint_steps(self) -> list[int]:
+        """Steps of complete checkpoints (a folder appears only after it is fully written)."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.checkpoints.iterdir() if (m := _STEP_DIR.match(p.name)))
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step}"
+
+    def prune_checkpoints(self, keep: int) -> None:
+        for step in self.checkpoint_steps()[:-keep]:
+            _remove(self.checkpoint(step))
+
+    def append_metrics(self, row: dict) -> None:
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop rows logged after `step`, so a resumed run does not log them twice."""
+        if not self.metrics_path.is_file():
+            return
+        rows = [line for line in self.metrics_path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        with atomic_path(self.metrics_path) as tmp:
+            tmp.write_text("".join(r + "\n" for r in rows))

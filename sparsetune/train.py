@@ -1,0 +1,243 @@
+"""The one training loop every method uses: AdamW, linear warm-up/decay, accumulation, clipping,
+periodic evaluation, atomic checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sparsetune.data import TaskData, collate, load_task, task_spec
+from sparsetune.errors import UserError
+from sparsetune.evaluate import evaluate
+from sparsetune.methods import method_class
+from sparsetune.methods.base import Method
+from sparsetune.models import HeadSpec, LoadedModel, load_model
+from sparsetune.recipe import Recipe
+from sparsetune.rundir import RunDir, atomic_path, read_json, write_json
+
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+@dataclass
+class Session:
+    """Everything built from a recipe: the method, the base model (wrapped) and, when needed, the data."""
+
+    recipe: Recipe
+    method: Method
+    loaded: LoadedModel
+    model: nn.Module
+    data: TaskData | None
+
+
+def build(recipe: Recipe, run: RunDir | None, with_data: bool = True) -> Session:
+    torch.manual_seed(recipe.seed)  # a fresh task head is initialised from the recipe's seed
+    method = method_class(recipe.method.name)(recipe)
+    loaded = load_model(recipe.model.name, HeadSpec.for_task(task_spec(recipe.task.name)))
+    data = load_task(recipe.task, loaded.tokenizer, recipe.model.max_length) if with_data else None
+    return Session(recipe, method, loaded, method.prepare(loaded, run), data)
+
+
+def restore(run: RunDir, checkpoint: str = "final", with_data: bool = True) -> Session:
+    """Rebuild a run's trained model from `final/` or `checkpoints/step-N/`."""
+    recipe = run.load_recipe()
+    folder = run.final if checkpoint == "final" else run.checkpoints / checkpoint
+    if not (folder / TRAINABLE_FILE).is_file():
+        raise UserError(f"{run.root}: no trained state in '{folder.name}' (has `sparsetune train` finished?)")
+    session = build(recipe, run, with_data)
+    session.method.load_trainable_state(session.model, load_file(str(folder / TRAINABLE_FILE)))
+    return session
+
+
+def _lr_lambda(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def _micro_batches(n: int, batch_size: int, seed: int, start: int):
+    """Endless stream of index batches; one seeded permutation per epoch, so position k is reproducible."""
+    per_epoch = math.ceil(n / batch_size)
+    k, epoch, perm = start, -1, None
+    while True:
+        e, pos = divmod(k, per_epoch)
+        if e != epoch:
+            epoch, perm = e, torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + e))
+        yield perm[pos * batch_size : (pos + 1) * batch_size].tolist()
+        k += 1
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Trainer:
+    def __init__(self, session: Session, run: RunDir, console: Console):
+        self.s, self.run, self.console = session, run, console
+        cfg = session.recipe.train
+        self.cfg = cfg
+        self.groups = session.method.param_groups(session.model, cfg.weight_decay)
+        self.params = [p for g in self.groups for p in g["params"]]
+        if not self.params:
+            raise UserError(f"method '{session.method.name}' left nothing to train")
+        self.optimizer = torch.optim.AdamW(self.groups, lr=cfg.lr)
+        n = len(session.data.train.features)
+        self.micro_per_epoch = math.ceil(n / cfg.batch_size)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.grad_accum)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        warmup = round(cfg.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(warmup, self.total_steps))
+        self.step, self.consumed = 0, 0
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        with atomic_path(self.run.checkpoint(self.step)) as tmp:
+            tmp.mkdir()
+            save_file(self.s.method.trainable_state(self.s.model), str(tmp / TRAINABLE_FILE))
+            torch.save(
+                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "rng": torch.get_rng_state()},
+                tmp / "state.pt",
+            )
+            write_json(tmp / "trainer.json", {"step": self.step, "micro_batches": self.consumed,
+                                              "recipe_fingerprint": self.s.recipe.fingerprint()})
+        self.run.prune_checkpoints(self.cfg.keep_checkpoints)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        self.s.method.load_trainable_state(self.s.model, load_file(str(folder / TRAINABLE_FILE)))
+        state = torch.load(folder / "state.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        info = read_json(folder / "trainer.json")
+        self.step, self.consumed = info["step"], info["micro_batches"]
+
+    # --- the loop -----------------------------------------------------------------------------
+    def train(self, stop_at_step: int | None = None) -> bool:
+        """Train to the end (returns True) or until `stop_at_step` (checkpointed; returns False)."""
+        s, cfg, run = self.s, self.cfg, self.run
+        pad_id = s.loaded.tokenizer.pad_token_id
+        features = s.data.train.features
+        stream = _micro_batches(len(features), cfg.batch_size, s.recipe.seed, self.consumed)
+        s.model.train()
+        started, window_loss, window_steps, window_examples = time.perf_counter(), 0.0, 0, 0
+        window_start = started
+        with self._progress() as progress:
+            task = progress.add_task("train", total=self.total_steps, completed=self.step, status="")
+            while self.step < self.total_steps:
+                for _ in range(cfg.grad_accum):
+                    idx = next(stream)
+                    self.consumed += 1
+                    loss = s.model(**collate([features[i] for i in idx], pad_id)).loss / cfg.grad_accum
+                    loss.backward()
+                    window_loss += float(loss.detach())
+                    window_examples += len(idx)
+                grad_norm = (
+                    float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)) if cfg.max_grad_norm else None
+                )
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                s.method.after_step(s.model)
+                self.step += 1
+                window_steps += 1
+                last = self.step == self.total_steps
+                if self.step % cfg.log_every == 0 or last:
+                    now = time.perf_counter()
+                    row = {"step": self.step, "epoch": round(self.consumed / self.micro_per_epoch, 4),
+                           "loss": window_loss / window_steps, "lr": lr, "grad_norm": grad_norm,
+                           "examples_per_s": window_examples / (now - window_start), "elapsed_s": now - started}
+                    run.append_metrics(row)
+                    status = f"loss {row['loss']:.4f} lr {lr:.2e} {row['examples_per_s']:.1f} ex/s"
+                    progress.update(task, status=status)
+                    if not self.console.is_terminal:
+                        self.console.print(f"step {self.step}/{self.total_steps} {status}")
+                    window_loss, window_steps, window_examples, window_start = 0.0, 0, 0, now
+                progress.update(task, completed=self.step)
+                if self._due(cfg.eval_every) and not last:
+                    metrics, _ = evaluate(s.model, s.data, s.loaded.tokenizer, cfg.eval_batch_size, splits=1)
+                    run.append_metrics({"step": self.step, "eval": metrics})
+                    self.console.print(f"step {self.step} dev {_fmt(metrics)}")
+                if not last and (self._due(cfg.save_every) or self.step == stop_at_step):
+                    self.save_checkpoint()
+                if self.step == stop_at_step and not last:
+                    return False
+        return True
+
+    def _due(self, every: int | None) -> bool:
+        return self.step % (every or self.steps_per_epoch) == 0
+
+    def _progress(self) -> Progress:
+        return Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"), console=self.console, disable=not self.console.is_terminal,
+        )
+
+    def save_final(self) -> None:
+        with atomic_path(self.run.final) as tmp:
+            tmp.mkdir()
+            save_file(self.s.method.trainable_state(self.s.model), str(tmp / TRAINABLE_FILE))
+            write_json(tmp / "final.json", {"step": self.step, "method": self.s.method.name,
+                                            "recipe_fingerprint": self.s.recipe.fingerprint()})
+
+
+def _fmt(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+def write_eval(run: RunDir, session: Session, checkpoint: str) -> dict:
+    """Score `session` on every dev split; write eval/results.json and eval/predictions.jsonl."""
+    r = session.recipe
+    metrics, rows = evaluate(session.model, session.data, session.loaded.tokenizer, r.train.eval_batch_size,
+                             r.task.generations, r.task.max_new_tokens)
+    results = {"task": r.task.name, "splits": [s.name for s in session.data.evals], "metrics": metrics,
+               "checkpoint": checkpoint, "method": r.method.name, "model": r.model.name,
+               "recipe_fingerprint": r.fingerprint(), "examples": {s.name: len(s.features) for s in session.data.evals}}
+    with atomic_path(run.eval_dir / "predictions.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_json(run.eval_dir / "results.json", results)
+    return results
+
+
+def train_run(recipe: Recipe, run: RunDir, console: Console, resume: bool, stop_at_step: int | None) -> dict | None:
+    """Train (resuming from the newest complete checkpoint when asked), save final/, evaluate."""
+    if resume and run.final.is_dir():
+        console.print(f"{run.root}: training already finished; evaluating final/")
+        session = restore(run)
+        return write_eval(run, session, "final")
+    session = build(recipe, run)
+    trainer = Trainer(session, run, console)
+    steps = run.checkpoint_steps()
+    if resume and steps:
+        trainer.load_checkpoint(run.checkpoint(steps[-1]))
+        run.truncate_metrics(trainer.step)
+        console.print(f"resumed from checkpoints/step-{trainer.step}")
+    console.print(
+        f"training {recipe.method.name} on {recipe.task.name}: {session.method.trainable_count(session.model):,} "
+        f"trainable, {len(session.data.train.features):,} examples, {trainer.total_steps} steps"
+    )
+    earlier = run.manifest().get("stages", {}).get("train", {}).get("wall_time_s", 0.0) if trainer.step else 0.0
+    started = time.perf_counter()
+    finished = trainer.train(stop_at_step)
+    elapsed = earlier + time.perf_counter() - started
+    if not finished:
+        run.record_stage("train", recipe.fingerprint(), completed=False, step=trainer.step, wall_time_s=round(elapsed, 2))
+        console.print(f"stopped at step {trainer.step}; continue with --resume")
+        return None
+    trainer.save_final()
+    run.record_stage("train", recipe.fingerprint(), completed=True, step=trainer.step, wall_time_s=round(elapsed, 2),
+                     trainable=session.method.trainable_count(session.model), peak_rss_bytes=peak_rss_bytes())
+    return write_eval(run, session, "final")
