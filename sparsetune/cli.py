@@ -37,14 +37,15 @@ def _load(recipe_path: Path, overrides: list[str] | None):
     return recipe, RunDir(recipe.output_dir)
 
 
-def _run_stage(stage: str, recipe, run, force: bool) -> None:
+def _run_stage(stage: str, recipe, run, force: bool, explicit: bool = True) -> None:
     """Run warm-up or selection when the method has it and its saved result is missing or --force."""
     from sparsetune.methods import method_class
     from sparsetune.train import build
 
     method_cls = method_class(recipe.method.name)
     if stage not in method_cls.stages:
-        log.print(f"{stage}: method '{recipe.method.name}' has no {stage} stage; nothing to do")
+        if explicit:
+            log.print(f"{stage}: method '{recipe.method.name}' has no {stage} stage; nothing to do")
         return
     method = method_cls(recipe)
     fingerprint = method.stage_fingerprint(stage)
@@ -79,7 +80,7 @@ def train(
             raise UserError(f"cannot resume '{run.root}': the recipe changed ({', '.join(changed)})")
     run.open(recipe)
     for stage in ("warmup", "select"):
-        _run_stage(stage, recipe, run, force=False)
+        _run_stage(stage, recipe, run, force=False, explicit=False)
     results = train_run(recipe, run, log, resume, stop_at_step)
     if results:
         _print_results(results, run)

@@ -52,8 +52,9 @@ def generate(model: nn.Module, split: Split, tokenizer, count: int, max_new_toke
     for record in split.examples[:count]:
         prompt = prompt_text(record, tokenizer)
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+        ids = {k: ids[k] for k in ("input_ids", "attention_mask")}
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        text = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
         rows.append({"instruction": record.instruction, "input": record.input, "reference": record.output,
                      "generation": text})
     return rows

@@ -19,7 +19,7 @@ from transformers.utils import logging as hf_logging
 
 from sparsetune.data import TaskSpec
 from sparsetune.data.glue import packaged_file
-from sparsetune.errors import UserError
+from sparsetune.errors import UserError, did_you_mean
 
 hf_logging.set_verbosity_error()  # "newly initialized head" notices are expected here, not news
 hf_logging.disable_progress_bar()
@@ -85,6 +85,9 @@ def resolve(name: str) -> str:
         if not (Path(name) / "config.json").is_file():
             raise UserError(f"model.name: folder '{name}' has no config.json (expected a Hugging Face model folder)")
         return name
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        raise UserError(f"model.name: '{name}' is not a packaged alias ({', '.join(ALIASES)}), an existing local "
+                        f"folder, or a hub id of the form org/name{did_you_mean(name, ALIASES)}")
     return name  # a hub id, for users with a network
 
 

@@ -71,6 +71,8 @@ def _encode_pairs(name: str, examples: list[Example], tokenizer, max_length: int
 
 
 def _encode_records(name: str, records: list[Record], tokenizer, max_length: int) -> Split:
+    if not records:
+        raise UserError(f"task.data_file: the {name} split is empty (adjust task.eval_fraction)")
     pairs = [(r, f) for r in records if (f := encode(r, tokenizer, max_length)) is not None]
     if not pairs:
         raise UserError(f"task.data_file: no {name} record fits model.max_length={max_length}")

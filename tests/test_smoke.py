@@ -1,0 +1,50 @@
+"""Smoke runs of the shipped recipes through the real CLI on the real packaged models and data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA, needs_shared, run_cli
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+QUICK = ["task.train_limit=64", "task.eval_limit=64", "train.max_steps=2", "train.batch_size=8"]
+
+pytestmark = pytest.mark.smoke
+
+
+def results(run: Path) -> dict:
+    return json.loads((run / "eval/results.json").read_text())
+
+
+def test_quickstart_recipe(tmp_path):
+    run = tmp_path / "qs"
+    assert run_cli("train", RECIPES / "quickstart.yaml", f"output_dir={run}", *QUICK) == 0
+    assert set(results(run)["metrics"]) == {"accuracy", "f1"}
+
+
+@needs_shared
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_sst2_recipes_on_real_glue(tmp_path, method):
+    run = tmp_path / method
+    data = SHARED_DATA / "glue" / "SST-2"
+    assert run_cli("train", RECIPES / f"glue/sst2-{method}.yaml", f"output_dir={run}", f"task.data_dir={data}", *QUICK) == 0
+    assert results(run)["examples"] == {"dev": 64}
+    assert run_cli("export-delta", run, "-o", tmp_path / "delta") == 0
+    assert run_cli("apply-delta", tmp_path / "delta", "-o", tmp_path / "merged") == 0
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+@needs_shared
+def test_alpaca_lora_on_smollm2(tmp_path):
+    run = tmp_path / "alpaca"
+    overrides = [f"output_dir={run}", f"task.data_file={SHARED_DATA / 'instruct/alpaca_en_demo.json'}",
+                 "task.train_limit=8", "task.eval_limit=4", "task.generations=1", "task.max_new_tokens=8",
+                 "model.max_length=128", "train.max_steps=1", "train.batch_size=1", "train.grad_accum=2"]
+    assert run_cli("train", RECIPES / "instruct/alpaca-lora.yaml", *overrides) == 0
+    metrics = results(run)["metrics"]
+    assert metrics["loss"] > 0 and metrics["perplexity"] > 1
+    rows = [json.loads(line) for line in (run / "eval/predictions.jsonl").read_text().splitlines()]
+    assert [bool(r["generation"]) for r in rows] == [True]
