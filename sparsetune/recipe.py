@@ -162,5 +162,16 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return build_recipe(apply_overrides(raw, overrides or []), str(path))
+    recipe = build_recipe(apply_overrides(raw, overrides or []), str(path))
+    return absolute_paths(recipe)
+
+
+def absolute_paths(recipe: Recipe) -> Recipe:
+    """Local paths become absolute, so the saved recipe works from any directory (eval, export)."""
+    task = recipe.task
+    updates = {k: getattr(task, k).resolve() for k in ("data_dir", "data_file") if getattr(task, k) is not None}
+    model = recipe.model
+    if Path(model.name).exists():
+        model = model.model_copy(update={"name": str(Path(model.name).resolve())})
+    return recipe.model_copy(update={"task": task.model_copy(update=updates), "model": model})
 

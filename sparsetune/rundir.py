@@ -94,6 +94,9 @@ class RunDir:
         """Create or re-enter the run directory for `recipe`, saving the resolved recipe and manifest."""
         if self.root.exists() and any(self.root.iterdir()) and not self.recipe_path.is_file():
             raise UserError(f"output_dir: '{self.root}' is not empty and is not a sparsetune run directory")
+        if self.has_training_outputs() and (changed := self.changed_keys(recipe)):
+            raise UserError(f"output_dir '{self.root}' holds a training run of another recipe: the recipe changed "
+                            f"({', '.join(changed)}); use another output_dir, or train --force to start over")
         self.root.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.recipe_path) as tmp:
             tmp.write_text(recipe.to_yaml())

@@ -24,28 +24,25 @@ def _copy_tokenizer(target: Path) -> None:
         shutil.copy(source / name, target / name)
 
 
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory) -> Path:
-    """A 2-layer BERT of width 32 saved as a local model folder."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
+def _save_tiny_bert(folder: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128)
     BertModel(config).save_pretrained(folder)
     _copy_tokenizer(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer BERT of width 32 saved as a local model folder."""
+    return _save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), seed=0)
 
 
 @pytest.fixture(scope="session")
 def other_tiny_bert(tmp_path_factory) -> Path:
     """Same shape as tiny_bert, other weights: a wrong base for apply-delta."""
-    folder = tmp_path_factory.mktemp("other-bert")
-    torch.manual_seed(1)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(folder)
-    _copy_tokenizer(folder)
-    return folder
+    return _save_tiny_bert(tmp_path_factory.mktemp("other-bert"), seed=1)
 
 
 @pytest.fixture(scope="session")
