@@ -18,8 +18,8 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
 recipes_app = typer.Typer(no_args_is_help=True, help="List, show and copy the shipped recipes.")
 app.add_typer(recipes_app, name="recipes")
 
-out = Console()
-log = Console(stderr=True)
+out = Console(soft_wrap=True)
+log = Console(stderr=True, soft_wrap=True)
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -48,13 +48,12 @@ def _run_stage(stage: str, recipe, run, force: bool, explicit: bool = True) -> N
         if explicit:
             log.print(f"{stage}: method '{recipe.method.name}' has no {stage} stage; nothing to do")
         return
-    method = method_cls(recipe)
-    fingerprint = method.stage_fingerprint(stage)
+    fingerprint = method_cls(recipe).stage_fingerprint(stage)
     if not force and run.check_stage(stage, fingerprint):
         log.print(f"{stage}: up to date in {run.stage_dir(stage)}")
         return
-    session = build(recipe, None)
-    summary = getattr(method, stage)(session.loaded, session.data, run)
+    session = build(recipe, run, prepare=False)
+    summary = getattr(session.method, stage)(session.loaded, session.data, run)
     run.record_stage(stage, fingerprint, summary=summary)
     log.print(f"{stage}: {summary}")
 
@@ -79,7 +78,7 @@ def train(
                             "or --force to start over")
     run.open(recipe)
     for stage in ("warmup", "select"):
-        _run_stage(stage, recipe, run, force=False, explicit=False)
+        _run_stage(stage, recipe, run, force=force, explicit=False)
     results = train_run(recipe, run, log, resume, stop_at_step)
     if results:
         _print_results(results, run)
@@ -170,14 +169,15 @@ def apply_delta(
 @app.command()
 def validate(recipe_path: RecipeArg, overrides: Overrides = None) -> None:
     """Print the resolved recipe and the trainable-parameter count, without training."""
-    from sparsetune.train import build
+
+    from sparsetune.data import task_spec
+    from sparsetune.methods import method_class
+    from sparsetune.models import HeadSpec, load_model
 
     recipe, _ = _load(recipe_path, overrides)
     out.print(recipe.to_yaml(), end="", markup=False, highlight=False)
-    session = build(recipe, None, with_data=False)
-    total = sum(p.numel() for p in session.loaded.model.parameters())
-    trainable = session.method.trainable_count(session.model)
-    out.print(f"# trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    loaded = load_model(recipe.model.name, HeadSpec.for_task(task_spec(recipe.task.name)))
+    out.print(f"# {method_class(recipe.method.name)(recipe).describe(loaded)}", markup=False, highlight=False)
 
 
 @recipes_app.command("ls")

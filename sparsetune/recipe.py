@@ -69,12 +69,17 @@ class Recipe(Strict):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
-    def fingerprint(self, *sections: str) -> str:
-        """Hash of the named sections (all but output_dir when none), for stale-input checks."""
+    def fingerprint(self, *keys: str) -> str:
+        """Hash of the named sections or dotted keys (all but output_dir when none), for stale-input checks."""
         data = self.model_dump(mode="json")
-        keys = sections or tuple(k for k in data if k != "output_dir")
-        blob = json.dumps({k: data[k] for k in keys}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        keys = keys or tuple(k for k in data if k != "output_dir")
+        picked = {}
+        for key in keys:
+            value = data
+            for part in key.split("."):
+                value = value[part]
+            picked[key] = value
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @lru_cache(maxsize=None)

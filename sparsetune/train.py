@@ -39,12 +39,13 @@ class Session:
     data: TaskData | None
 
 
-def build(recipe: Recipe, run: RunDir | None, with_data: bool = True) -> Session:
+def build(recipe: Recipe, run: RunDir | None, with_data: bool = True, prepare: bool = True) -> Session:
+    """Load model and data; `prepare` hands the model to the method (stages before training skip it)."""
     torch.manual_seed(recipe.seed)  # a fresh task head is initialised from the recipe's seed
     method = method_class(recipe.method.name)(recipe)
     loaded = load_model(recipe.model.name, HeadSpec.for_task(task_spec(recipe.task.name)))
     data = load_task(recipe.task, loaded.tokenizer, recipe.model.max_length) if with_data else None
-    return Session(recipe, method, loaded, method.prepare(loaded, run), data)
+    return Session(recipe, method, loaded, method.prepare(loaded, run) if prepare else loaded.model, data)
 
 
 def restore(run: RunDir, checkpoint: str = "final", with_data: bool = True) -> Session:

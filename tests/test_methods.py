@@ -18,9 +18,11 @@ from sparsetune.train import restore
 
 from conftest import run_cli
 
-METHOD_SETTINGS = {"full": {"name": "full"}, "lora": {"name": "lora", "r": 4, "dropout": 0.1}}
+METHOD_SETTINGS = {"full": {"name": "full"}, "lora": {"name": "lora", "r": 4, "dropout": 0.1},
+                   "sift": {"name": "sift", "budget": 0.05, "warmup_batches": 2}}
 # what each method may change in the merged model, beyond the task head
-MAY_CHANGE = {"full": r".*", "lora": r".*attention\.(self\.(query|key|value)|output\.dense)\.weight$"}
+ATTENTION = r".*attention\.(self\.(query|key|value)|output\.dense)"
+MAY_CHANGE = {"full": r".*", "lora": ATTENTION + r"\.weight$", "sift": ATTENTION + r"\.(weight|bias)$"}
 
 
 def test_every_registered_method_is_covered():

@@ -53,13 +53,17 @@ class Method:
         """Freeze or wrap the base model; returns the module the training loop calls."""
         raise NotImplementedError
 
+    def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The parameters the optimizer updates."""
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Everything that training changes; what checkpoints and final/ hold."""
-        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        return {n: p.detach() for n, p in self.trainable_parameters(model).items()}
 
     def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        params = dict(model.named_parameters())
-        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+        params = self.trainable_parameters(model)
+        missing = [n for n in params if n not in state]
         extra = [n for n in state if n not in params]
         if missing or extra:
             raise UserError(f"checkpoint does not match the method's trainable state (missing {missing[:3]}, extra {extra[:3]})")
@@ -69,14 +73,20 @@ class Method:
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         """Decay matrices; biases and norm weights (1-D) are not decayed."""
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = list(self.trainable_parameters(model).values())
         return [
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
 
     def trainable_count(self, model: nn.Module) -> int:
-        return sum(p.numel() for group in self.param_groups(model, 0.0) for p in group["params"])
+        return sum(p.numel() for p in self.trainable_parameters(model).values())
+
+    def describe(self, loaded: LoadedModel) -> str:
+        """What training would update, for `validate` (without running any stage)."""
+        count = self.trainable_count(self.prepare(loaded, None))
+        total = sum(p.numel() for p in loaded.model.parameters())
+        return f"trainable parameters: {count:,} of {total:,} ({100 * count / total:.3f}%)"
 
     def after_step(self, model: nn.Module) -> None:
         """Called after every optimizer step (sparse methods write their increments back here)."""

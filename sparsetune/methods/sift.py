@@ -1,0 +1,216 @@
+"""SIFT — Sparse Increment Fine-Tuning (Song et al., arXiv 2312.11875).
+
+Warm-up accumulates |gradient| of every targeted tensor over a few training batches (no update);
+selection keeps the top-k entries by that score; training moves only those entries (W = W0 + scatter
+(idx, values)) with optimizer state for the k values alone. `score: magnitude | random` gives the
+paper's ablations (magnitude-sparse, random-sparse) from the same recipe. Unlike the official code,
+the warm-up batches are not lost, updates are applied at the step they belong to, the final update is
+kept, and the indices are saved.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from sparsetune.data import TaskData, collate
+from sparsetune.errors import UserError
+from sparsetune.methods import register
+from sparsetune.methods.base import Method
+from sparsetune.models import LoadedModel, default_targets, find_blocks
+from sparsetune.recipe import MethodConfig
+from sparsetune.rundir import RunDir, atomic_path, write_json
+from sparsetune.sparse.delta import index_dtype
+from sparsetune.sparse.increments import SiftLinear
+
+SCORES_FILE = "warmup/scores.safetensors"
+MASK_FILE = "mask/mask.safetensors"
+
+
+class SiftConfig(MethodConfig):
+    name: Literal["sift"] = "sift"
+    budget: float = Field(0.008, gt=0, description="fraction of each targeted tensor (< 1) or a total entry count (>= 1)")
+    target: list[str] | None = Field(None, description="Linear modules relative to a block; default per architecture")
+    bias: bool = Field(True, description="also train the targeted modules' biases (the paper does)")
+    score: Literal["gradient", "magnitude", "random"] = "gradient"
+    selection: Literal["per_tensor", "global"] = Field("per_tensor", description="top-k per tensor (paper) or overall")
+    warmup_batches: int = Field(8, gt=0, description="micro-batches whose |gradient| is accumulated")
+    grad: Literal["indexed", "dense"] = Field(
+        "indexed", description="indexed: gradient only at the selected entries; dense: dW gathered then freed")
+
+
+@register
+class Sift(Method):
+    name: ClassVar[str] = "sift"
+    Config = SiftConfig
+    stages: ClassVar[tuple[str, ...]] = ("warmup", "select")
+
+    # --- what is targeted ---------------------------------------------------------------------
+    def targets(self, model: PreTrainedModel) -> dict[str, nn.Parameter]:
+        """Parameter name -> tensor for every targeted weight (and bias) in every block."""
+        blocks_name, blocks = find_blocks(model)
+        suffixes = self.cfg.target or default_targets(model)
+        found: dict[str, nn.Parameter] = {}
+        for i, block in enumerate(blocks):
+            modules = dict(block.named_modules())
+            for suffix in suffixes:
+                module = modules.get(suffix)
+                if not isinstance(module, nn.Linear):
+                    raise UserError(f"method.target: '{suffix}' is not a Linear module in block {blocks_name}.{i}")
+                found[f"{blocks_name}.{i}.{suffix}.weight"] = module.weight
+                if self.cfg.bias and module.bias is not None:
+                    found[f"{blocks_name}.{i}.{suffix}.bias"] = module.bias
+        return found
+
+    def plan(self, targets: dict[str, nn.Parameter]) -> dict[str, int]:
+        """Entries to train per tensor under the budget (per-tensor rule; the global rule keeps the total)."""
+        total = sum(p.numel() for p in targets.values())
+        if self.cfg.budget < 1:
+            return {n: round(self.cfg.budget * p.numel()) for n, p in targets.items()}
+        if self.cfg.budget > total:
+            raise UserError(f"method.budget: {int(self.cfg.budget):,} entries exceed the {total:,} targeted entries")
+        return {n: round(self.cfg.budget * p.numel() / total) for n, p in targets.items()}
+
+    def stage_fingerprint(self, stage: str) -> str:
+        keys = ["seed", "model", "task.name", "task.data_dir", "task.data_file", "task.train_limit", "train.batch_size",
+                "method.target", "method.bias", "method.score", "method.warmup_batches"]
+        if stage == "select":
+            keys += ["method.budget", "method.selection"]
+        return self.recipe.fingerprint(*keys)
+
+    # --- warm-up: score every targeted entry --------------------------------------------------
+    def warmup(self, loaded: LoadedModel, data: TaskData, run: RunDir) -> str:
+        model, targets = loaded.model, self.targets(loaded.model)
+        if self.cfg.score == "magnitude":
+            scores = {n: p.detach().abs() for n, p in targets.items()}
+        elif self.cfg.score == "random":
+            generator = torch.Generator().manual_seed(self.recipe.seed)
+            scores = {n: torch.rand(p.shape, generator=generator) for n, p in targets.items()}
+        else:
+            scores = self._gradient_scores(model, targets, data, loaded.tokenizer.pad_token_id)
+        with atomic_path(run.root / SCORES_FILE) as tmp:
+            save_file({n: s.contiguous() for n, s in scores.items()}, str(tmp))
+        summary = {"score": self.cfg.score, "tensors": len(scores), "entries": sum(s.numel() for s in scores.values())}
+        write_json(run.root / "warmup/summary.json", summary)
+        return f"{self.cfg.score} scores for {summary['entries']:,} entries in {summary['tensors']} tensors"
+
+    def _gradient_scores(self, model, targets, data: TaskData, pad_id: int) -> dict[str, torch.Tensor]:
+        """Sum of |dL/dW| over the first warm-up batches; each dense gradient is folded in and freed at once."""
+        scores = {n: torch.zeros_like(p) for n, p in targets.items()}
+        model.requires_grad_(False)
+        handles = []
+        for name, param in targets.items():
+            param.requires_grad_(True)
+
+            def fold(p: torch.Tensor, score=scores[name]) -> None:
+                score.add_(p.grad.abs())
+                p.grad = None
+
+            handles.append(param.register_post_accumulate_grad_hook(fold))
+        features, size = data.train.features, self.recipe.train.batch_size
+        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(self.recipe.seed))
+        model.train()
+        for b in range(self.cfg.warmup_batches):
+            idx = order[(b * size) % len(features):][:size].tolist()
+            model(**collate([features[i] for i in idx], pad_id)).loss.backward()
+        for handle in handles:
+            handle.remove()
+        model.requires_grad_(False)
+        return scores
+
+    # --- select: top-k ------------------------------------------------------------------------
+    def select(self, loaded: LoadedModel, data: TaskData, run: RunDir) -> str:
+        path = run.root / SCORES_FILE
+        if not path.is_file():
+            raise UserError(f"{run.root}: no warm-up scores ({SCORES_FILE}); run `sparsetune warmup` first")
+        scores = load_file(str(path))
+        targets = self.targets(loaded.model)
+        if scores.keys() != targets.keys():
+            raise UserError(f"{path}: scores do not match the targeted tensors; rerun warmup with --force")
+        counts = self.plan(targets)
+        if self.cfg.selection == "global":
+            counts = self._global_counts(scores, sum(counts.values()))
+        mask = {n: scores[n].reshape(-1).topk(k).indices.sort().values.to(index_dtype(scores[n].numel()))
+                for n, k in counts.items() if k > 0}
+        with atomic_path(run.root / MASK_FILE) as tmp:
+            save_file(mask, str(tmp))
+        report = {"selection": self.cfg.selection, "score": self.cfg.score, "budget": self.cfg.budget,
+                  "total": sum(int(i.numel()) for i in mask.values()),
+                  "per_tensor": {n: {"k": int(i.numel()), "numel": targets[n].numel()} for n, i in mask.items()}}
+        write_json(run.root / "mask/mask.json", report)
+        return f"{report['total']:,} entries selected in {len(mask)} tensors ({self.cfg.selection}, {self.cfg.score})"
+
+    @staticmethod
+    def _global_counts(scores: dict[str, torch.Tensor], total: int) -> dict[str, int]:
+        names = list(scores)
+        flat = torch.cat([scores[n].reshape(-1) for n in names])
+        owner = torch.repeat_interleave(torch.arange(len(names)), torch.tensor([scores[n].numel() for n in names]))
+        per = torch.bincount(owner[flat.topk(total).indices], minlength=len(names))
+        return dict(zip(names, per.tolist()))
+
+    # --- training -----------------------------------------------------------------------------
+    def prepare(self, loaded: LoadedModel, run: RunDir | None) -> nn.Module:
+        if run is None or not (run.root / MASK_FILE).is_file():
+            raise UserError("SIFT needs a mask: run `sparsetune select RECIPE` (train runs it when missing)")
+        run.check_stage("select", self.stage_fingerprint("select"))
+        mask = load_file(str(run.root / MASK_FILE))
+        model = loaded.model
+        model.requires_grad_(False)
+        for name, param in model.named_parameters():
+            if name not in loaded.pretrained_names:  # a fresh task head trains densely, outside the budget
+                param.requires_grad_(True)
+        modules = dict(model.named_modules())
+        for module_name in sorted({n.rsplit(".", 1)[0] for n in mask}):
+            parent_name, _, child = module_name.rpartition(".")
+            wrapped = SiftLinear(modules[module_name], mask.get(f"{module_name}.weight"),
+                                 mask.get(f"{module_name}.bias"), indexed_grad=self.cfg.grad == "indexed")
+            setattr(modules[parent_name], child, wrapped)
+        return model
+
+    def increments(self, model: nn.Module) -> dict[str, SiftLinear]:
+        return {n: m for n, m in model.named_modules() if isinstance(m, SiftLinear)}
+
+    def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The increments and the dense head; never the base weights (which carry hooks in dense-grad mode)."""
+        return {n: p for n, p in model.named_parameters()
+                if n.endswith("_inc.values") or (p.requires_grad and ".base_layer." not in n)}
+
+    def after_step(self, model: nn.Module) -> None:
+        for module in self.increments(model).values():
+            module.write_back()
+
+    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        super().load_trainable_state(model, state)
+        self.after_step(model)
+
+    def merged(self, model: nn.Module) -> PreTrainedModel:
+        """The weights already hold W0 + increments; unwrapping restores the original module tree."""
+        modules = dict(model.named_modules())
+        for name, module in self.increments(model).items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(modules[parent_name], child, module.base_layer)
+        return model
+
+    def describe(self, loaded: LoadedModel) -> str:
+        counts = self.plan(self.targets(loaded.model))
+        head = sum(p.numel() for n, p in loaded.model.named_parameters() if n not in loaded.pretrained_names)
+        total = sum(p.numel() for p in loaded.model.parameters())
+        k = sum(counts.values())
+        return (f"trainable entries: {k:,} in {sum(1 for c in counts.values() if c)} tensors "
+                f"({100 * k / total:.3f}% of {total:,}); task head trained densely, not counted in the budget: {head:,}")
+
+    # --- export -------------------------------------------------------------------------------
+    def delta_tensors(self, model: nn.Module, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, module in self.increments(model).items():
+            for kind, inc in (("weight", module.weight_inc), ("bias", module.bias_inc)):
+                if inc is not None:
+                    tensors[f"{name}.{kind}.idx"] = inc.idx.to(index_dtype(base[f"{name}.{kind}"].numel()))
+                    tensors[f"{name}.{kind}.val"] = inc.values.detach()
+        head = {n: p for n, p in self.trainable_parameters(model).items() if not n.endswith("_inc.values")}
+        return tensors | {f"{n}.dense": p.detach() for n, p in head.items()}

@@ -1,0 +1,110 @@
+"""Sparse increments: train k chosen entries of a frozen Linear without a dense gradient or optimizer state.
+
+The base weight stays in place and is the one the forward uses; after every optimizer step the selected
+entries are rewritten as W[idx] = W0[idx] + values, so the forward never clones W. The gradient of `values`
+comes either from the dense dW gathered at idx (`grad: dense`) or, by default, straight from the
+selected entries only (`grad: indexed`): dL/dW[r, c] = sum over tokens of dy[:, r] * x[:, c].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+# Bound on the (tokens x entries) temporaries of the indexed gradient, in elements.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def indexed_weight_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """sum_t dy[t, rows[j]] * x[t, cols[j]] for every j, in chunks so no dense dW is formed."""
+    out = torch.empty(rows.numel(), dtype=dy.dtype, device=dy.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, dy.shape[0]))
+    for start in range(0, rows.numel(), step):
+        r, c = rows[start : start + step], cols[start : start + step]
+        out[start : start + step] = (dy[:, r] * x[:, c]).sum(0)
+    return out
+
+
+class _IndexedLinear(torch.autograd.Function):
+    """y = x W^T + b with gradients for x and for the selected entries of W and b only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, w_values, b_values, w_rows, w_cols, b_idx):
+        ctx.save_for_backward(x, weight, w_rows, w_cols, b_idx)
+        ctx.has_w, ctx.has_b = w_values is not None, b_values is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, w_rows, w_cols, b_idx = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        grad_x = (dy2 @ weight).view(*dy.shape[:-1], weight.shape[1]) if ctx.needs_input_grad[0] else None
+        grad_w = indexed_weight_grad(dy2, x.reshape(-1, x.shape[-1]), w_rows, w_cols) if ctx.has_w else None
+        grad_b = dy2.sum(0)[b_idx] if ctx.has_b else None
+        return grad_x, None, None, grad_w, grad_b, None, None, None
+
+
+class SparseIncrement(nn.Module):
+    """k trainable entries of one frozen tensor: flat indices, the base values there, and the increments."""
+
+    def __init__(self, base: nn.Parameter, idx: torch.Tensor):
+        super().__init__()
+        idx = idx.to(device=base.device, dtype=torch.long).sort().values
+        self.register_buffer("idx", idx, persistent=False)
+        self.register_buffer("base_values", base.detach().reshape(-1)[idx].clone(), persistent=False)
+        self.values = nn.Parameter(torch.zeros(idx.numel(), dtype=base.dtype, device=base.device))
+
+    @torch.no_grad()
+    def write_back(self, target: torch.Tensor) -> None:
+        """target[idx] = W0[idx] + values: the only place the base tensor ever changes."""
+        target.view(-1)[self.idx] = self.base_values + self.values
+
+
+class SiftLinear(nn.Module):
+    """A Linear whose weight (and bias) train only at selected entries; `base_layer` is the original module."""
+
+    def __init__(self, base_layer: nn.Linear, weight_idx: torch.Tensor | None, bias_idx: torch.Tensor | None,
+                 indexed_grad: bool):
+        super().__init__()
+        self.base_layer = base_layer
+        base_layer.requires_grad_(False)
+        self.weight_inc = SparseIncrement(base_layer.weight, weight_idx) if weight_idx is not None else None
+        self.bias_inc = SparseIncrement(base_layer.bias, bias_idx) if bias_idx is not None else None
+        self.indexed_grad = indexed_grad
+        w_idx = self.weight_inc.idx if self.weight_inc is not None else torch.empty(0, dtype=torch.long)
+        in_features = base_layer.weight.shape[1]
+        self.register_buffer("w_rows", w_idx // in_features, persistent=False)
+        self.register_buffer("w_cols", w_idx % in_features, persistent=False)
+        b_idx = self.bias_inc.idx if self.bias_inc is not None else torch.empty(0, dtype=torch.long)
+        self.register_buffer("b_idx", b_idx, persistent=False)
+        if not indexed_grad:  # gather dW (and db) at idx as soon as each is accumulated, then free it
+            for inc, param in ((self.weight_inc, base_layer.weight), (self.bias_inc, base_layer.bias)):
+                if inc is not None:
+                    param.requires_grad_(True)
+                    param.register_post_accumulate_grad_hook(_gather_into(inc))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.base_layer
+        if not self.indexed_grad:
+            return layer(x)
+        w, b = self.weight_inc, self.bias_inc
+        return _IndexedLinear.apply(
+            x, layer.weight, layer.bias, w.values if w is not None else None, b.values if b is not None else None,
+            self.w_rows, self.w_cols, self.b_idx,
+        )
+
+    def write_back(self) -> None:
+        if self.weight_inc is not None:
+            self.weight_inc.write_back(self.base_layer.weight.data)
+        if self.bias_inc is not None:
+            self.bias_inc.write_back(self.base_layer.bias.data)
+
+
+def _gather_into(inc: SparseIncrement):
+    def hook(param: torch.Tensor) -> None:
+        grad = param.grad.reshape(-1)[inc.idx]
+        inc.values.grad = grad if inc.values.grad is None else inc.values.grad + grad
+        param.grad = None
+
+    return hook
