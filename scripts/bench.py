@@ -1,0 +1,162 @@
+"""Peak memory and median step time of one training step per method, each method in its own process.
+
+Same model, batch and trainable count for every method: LoRA and SHiRA get the rank whose trainable count
+matches SIFT's budget. `frozen` is the floor: forward + backward through the same model with nothing to
+update. On CPU the memory is the process's peak RSS; on a GPU, torch.cuda.max_memory_allocated.
+
+    python scripts/bench.py --model smollm2-135m --batch-size 1 --seq-len 128 --budget 0.008 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+METHODS = ("frozen", "full", "lora", "shira", "sift")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="packaged alias, local folder or hub id")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (after 2 untimed ones)")
+    parser.add_argument("--budget", type=float, default=0.008, help="SIFT budget; LoRA/SHiRA rank is matched to it")
+    parser.add_argument("--sift-grad", default="indexed", choices=("indexed", "dense"))
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def _setup(args: argparse.Namespace, method: str):
+    """Build the model for `method` through sparsetune's own code; returns (model, params, after_step, batch)."""
+    import torch
+
+    from sparsetune.data import task_spec
+    from sparsetune.methods import method_class
+    from sparsetune.models import HeadSpec, load_model
+    from sparsetune.recipe import build_recipe
+    from sparsetune.rundir import RunDir
+
+    torch.manual_seed(0)
+    loaded = load_model(args.model, HeadSpec("causal-lm"))
+    model = loaded.model
+    causal = type(model).__name__.endswith("ForCausalLM")
+    if not causal:
+        loaded = load_model(args.model, HeadSpec("sequence-classification", 2))
+        model = loaded.model
+    task = "instruct" if causal else "sst2"
+    sift_recipe = build_recipe({"output_dir": "unused", "model": {"name": args.model}, "task": {"name": task},
+                                "method": {"name": "sift", "budget": args.budget, "score": "random",
+                                           "grad": args.sift_grad}})
+    sift = method_class("sift")(sift_recipe)
+    targets = sift.targets(model)
+    k = sum(sift.plan(targets).values())
+    shapes = [p.shape for n, p in targets.items() if n.endswith(".weight")]
+    rank = max(1, round(k / sum(s[0] + s[1] for s in shapes)))
+    after_step = lambda: None  # noqa: E731
+    if method == "frozen":
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+    elif method == "full":
+        model.requires_grad_(True)
+    elif method in ("lora", "shira"):
+        from peft import LoraConfig, ShiraConfig, get_peft_model
+
+        from sparsetune.models import default_targets
+
+        modules = default_targets(model)
+        config_cls = LoraConfig if method == "lora" else ShiraConfig
+        extra = {"lora_alpha": 2 * rank, "lora_dropout": 0.0} if method == "lora" else {}
+        model = get_peft_model(model, config_cls(r=rank, target_modules=modules, **extra))
+    else:
+        run = RunDir(tempfile.mkdtemp(prefix="sparsetune-bench-"))
+        run.open(sift_recipe.model_copy(update={"output_dir": run.root}))
+        sift.warmup(loaded, None, run)
+        sift.select(loaded, None, run)
+        run.record_stage("select", sift.stage_fingerprint("select"))
+        model = sift.prepare(loaded, run)
+        after_step = lambda: sift.after_step(model)  # noqa: E731
+    params = [p for n, p in model.named_parameters() if p.requires_grad and ".base_layer." not in n]
+    if method == "sift":
+        params = list(sift.trainable_parameters(model).values())
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, model.config.vocab_size, (args.batch_size, args.seq_len), generator=gen)
+    labels = ids if causal else torch.randint(0, 2, (args.batch_size,), generator=gen)
+    return model, params, after_step, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def run_child(args: argparse.Namespace) -> dict:
+    import torch
+
+    method = args.child
+    cuda = torch.cuda.is_available()
+    model, params, after_step, batch = _setup(args, method)
+    device = "cuda" if cuda else "cpu"
+    model.to(device)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
+    model.train()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(args.steps + 2):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(**batch).loss.backward()
+        if optimizer:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        after_step()
+        if cuda:
+            torch.cuda.synchronize()
+        if step >= 2:
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    trainable = 0 if method == "frozen" else sum(p.numel() for p in params)
+    return {"method": method, "trainable": trainable, "peak_mem_bytes": peak, "step_time_s": statistics.median(times),
+            "device": device, "model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "budget": args.budget}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(run_child(args)))
+        return
+    rows = []
+    for method in args.methods.split(","):
+        if method not in METHODS:
+            sys.exit(f"error: --methods: unknown method '{method}'; expected some of {', '.join(METHODS)}")
+        cmd = [sys.executable, __file__, "--child", method, "--model", args.model, "--batch-size", str(args.batch_size),
+               "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--budget", str(args.budget),
+               "--sift-grad", args.sift_grad]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"error: {method} failed:\n{done.stderr[-2000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"{method}: done", file=sys.stderr)
+    full = next((r for r in rows if r["method"] == "full"), None)
+    print(f"\n{args.model}, batch {args.batch_size} x {args.seq_len}, budget {args.budget}, device {rows[0]['device']}\n")
+    print("| method | trainable | peak memory (MiB) | vs full | median step (s) | vs full |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        mem_ratio = f"{r['peak_mem_bytes'] / full['peak_mem_bytes']:.2f}" if full else "-"
+        time_ratio = f"{r['step_time_s'] / full['step_time_s']:.2f}" if full else "-"
+        print(f"| {r['method']} | {r['trainable']:,} | {r['peak_mem_bytes'] / 2**20:,.0f} | {mem_ratio} | "
+              f"{r['step_time_s']:.3f} | {time_ratio} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
