@@ -85,9 +85,8 @@ def _setup(args: argparse.Namespace, method: str):
         run.record_stage("select", sift.stage_fingerprint("select"))
         model = sift.prepare(loaded, run)
         after_step = lambda: sift.after_step(model)  # noqa: E731
-    params = [p for n, p in model.named_parameters() if p.requires_grad and ".base_layer." not in n]
-    if method == "sift":
-        params = list(sift.trainable_parameters(model).values())
+    params = list(sift.trainable_parameters(model).values()) if method == "sift" else [
+        p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(100, model.config.vocab_size, (args.batch_size, args.seq_len), generator=gen)
     labels = ids if causal else torch.randint(0, 2, (args.batch_size,), generator=gen)

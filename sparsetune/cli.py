@@ -52,7 +52,7 @@ def _run_stage(stage: str, recipe, run, force: bool, explicit: bool = True) -> N
     if not force and run.check_stage(stage, fingerprint):
         log.print(f"{stage}: up to date in {run.stage_dir(stage)}")
         return
-    session = build(recipe, run, prepare=False)
+    session = build(recipe, run, with_data=stage == "warmup", prepare=False)  # selection reads only scores
     summary = getattr(session.method, stage)(session.loaded, session.data, run)
     run.record_stage(stage, fingerprint, summary=summary)
     log.print(f"{stage}: {summary}")
@@ -169,7 +169,6 @@ def apply_delta(
 @app.command()
 def validate(recipe_path: RecipeArg, overrides: Overrides = None) -> None:
     """Print the resolved recipe and the trainable-parameter count, without training."""
-
     from sparsetune.data import task_spec
     from sparsetune.methods import method_class
     from sparsetune.models import HeadSpec, load_model

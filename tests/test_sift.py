@@ -157,3 +157,22 @@ def test_stage_commands_share_the_run_directory(bert_recipe, tmp_path, capsys):
     assert "warmup: up to date" in capsys.readouterr().err
     assert run_cli("validate", recipe) == 0
     assert "task head trained densely, not counted in the budget: 66" in capsys.readouterr().out
+
+
+def test_weight_decay_acts_on_the_increments(bert_recipe, tmp_path):
+    """A zero-gradient AdamW step with decay shrinks every increment toward the base; the head's bias is not decayed."""
+    assert run_cli("train", bert_recipe({"name": "sift", "budget": 0.05, "warmup_batches": 1}, max_steps=1)) == 0
+    session = restore(RunDir(tmp_path / "run"), with_data=False)
+    method, model = session.method, session.model
+    params = method.trainable_parameters(model)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    assert any(v.abs().sum() > 0 for n, v in before.items() if n.endswith("_inc.values"))
+    optimizer = torch.optim.AdamW(method.param_groups(model, weight_decay=0.5), lr=0.1)
+    for p in params.values():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in params.items():
+        if name.endswith("_inc.values"):
+            torch.testing.assert_close(p.detach(), before[name] * (1 - 0.1 * 0.5))
+        elif name == "classifier.bias":
+            assert torch.equal(p.detach(), before[name])

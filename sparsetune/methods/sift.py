@@ -165,15 +165,25 @@ class Sift(Method):
             if name not in loaded.pretrained_names:  # a fresh task head trains densely, outside the budget
                 param.requires_grad_(True)
         modules = dict(model.named_modules())
+        self._wrapped: dict[str, SiftLinear] = {}
         for module_name in sorted({n.rsplit(".", 1)[0] for n in mask}):
             parent_name, _, child = module_name.rpartition(".")
             wrapped = SiftLinear(modules[module_name], mask.get(f"{module_name}.weight"),
                                  mask.get(f"{module_name}.bias"), indexed_grad=self.cfg.grad == "indexed")
             setattr(modules[parent_name], child, wrapped)
+            self._wrapped[module_name] = wrapped
         return model
 
     def increments(self, model: nn.Module) -> dict[str, SiftLinear]:
-        return {n: m for n, m in model.named_modules() if isinstance(m, SiftLinear)}
+        """The wrapped modules by name, kept from `prepare` so the per-step write-back walks no module tree."""
+        return self._wrapped
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        """Weight decay acts on every increment (pulling it back toward W0), and on the head's matrices."""
+        params = self.trainable_parameters(model)
+        decayed = [p for n, p in params.items() if n.endswith("_inc.values") or p.ndim >= 2]
+        plain = [p for n, p in params.items() if not n.endswith("_inc.values") and p.ndim < 2]
+        return [{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
     def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """The increments and the dense head; never the base weights (which carry hooks in dense-grad mode)."""
