@@ -42,14 +42,14 @@ def _setup(args: argparse.Namespace, method: str):
 
     from sparsetune.data import task_spec
     from sparsetune.methods import method_class
-    from sparsetune.models import HeadSpec, load_model
+    from sparsetune.models import HeadSpec, is_causal_lm, load_model
     from sparsetune.recipe import build_recipe
     from sparsetune.rundir import RunDir
 
     torch.manual_seed(0)
     loaded = load_model(args.model, HeadSpec("causal-lm"))
     model = loaded.model
-    causal = type(model).__name__.endswith("ForCausalLM")
+    causal = is_causal_lm(model)
     if not causal:
         loaded = load_model(args.model, HeadSpec("sequence-classification", 2))
         model = loaded.model

@@ -147,7 +147,7 @@ def apply_delta(
     base: Annotated[Optional[str], typer.Option(help="base model; default: the one recorded in the delta")] = None,
 ) -> None:
     """Turn the base model plus a delta into a merged model folder that from_pretrained loads."""
-    from sparsetune.methods.lora import apply_adapter, read_adapter_meta
+    from sparsetune.peft_adapter import apply_adapter, read_adapter_meta
     from sparsetune.models import HeadSpec, load_model
     from sparsetune.rundir import atomic_path
     from sparsetune.sparse.delta import apply_delta as apply_to, read_delta

@@ -120,6 +120,10 @@ def load_model(name: str, head: HeadSpec) -> LoadedModel:
     return LoadedModel(model, tokenizer, pretrained)
 
 
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    return type(model).__name__.endswith("ForCausalLM")
+
+
 def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     """The stack of repeated transformer blocks: the longest ModuleList whose children share one class."""
     best: tuple[str, torch.nn.ModuleList] | None = None
@@ -140,7 +144,7 @@ def default_targets(model: PreTrainedModel) -> list[str]:
     """
     _, blocks = find_blocks(model)
     names = [n for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear)]
-    if not type(model).__name__.endswith("ForCausalLM"):
+    if not is_causal_lm(model):
         names = [n for n in names if "attention" in n or "attn" in n]
     if not names:
         raise UserError(f"model class {type(model).__name__}: no linear layers found in its blocks")

@@ -176,3 +176,38 @@ def test_weight_decay_acts_on_the_increments(bert_recipe, tmp_path):
             torch.testing.assert_close(p.detach(), before[name] * (1 - 0.1 * 0.5))
         elif name == "classifier.bias":
             assert torch.equal(p.detach(), before[name])
+
+
+def test_shira_export_loads_in_peft_with_the_same_logits(bert_recipe, tmp_path, tiny_bert, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    settings = {"name": "sift", "budget": 0.05, "warmup_batches": 1, "bias": False, "selection": "shira_rank"}
+    assert run_cli("train", bert_recipe(settings, max_steps=3)) == 0
+    run = tmp_path / "run"
+    mask = json.loads((run / "mask/mask.json").read_text())["per_tensor"]
+    # 8 tensors of 32 x 32 at 5%: 8 * 51 = 408 entries; r = round(408 / (8 * 64)) = 1, so k = 1 * (32 + 32) each
+    assert {v["k"] for v in mask.values()} == {32 + 32}
+    assert run_cli("export-delta", run, "-o", tmp_path / "shira", "--format", "peft") == 0
+    assert (tmp_path / "shira" / "adapter_config.json").is_file()
+    session = restore(RunDir(run), with_data=False)
+    batch = batch_for(session.loaded)
+    batch.pop("labels")
+    session.model.eval()
+    expected = session.model(**batch).logits
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    adapter = PeftModel.from_pretrained(base, tmp_path / "shira").eval()
+    torch.testing.assert_close(adapter(**batch).logits, expected, rtol=0, atol=1e-6)
+    assert run_cli("apply-delta", tmp_path / "shira", "-o", tmp_path / "merged") == 0
+    merged = dict(AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").named_parameters())
+    trained = dict(session.method.merged(session.model).named_parameters())
+    assert all(torch.equal(merged[n], trained[n]) for n in trained)
+
+
+def test_shira_export_refuses_masks_that_do_not_fit(bert_recipe, tmp_path, capsys):
+    assert run_cli("train", bert_recipe({"name": "sift", "budget": 0.05, "warmup_batches": 1}, max_steps=1)) == 0
+    capsys.readouterr()
+    assert run_cli("export-delta", tmp_path / "run", "-o", tmp_path / "shira", "--format", "peft") == 2
+    assert "SHiRA adapts weight matrices only" in capsys.readouterr().err
+    assert not (tmp_path / "shira").exists()

@@ -10,9 +10,12 @@ kept, and the indices are saved.
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
+from peft import ShiraConfig, TaskType, get_peft_model
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -22,7 +25,8 @@ from sparsetune.data import TaskData, collate
 from sparsetune.errors import UserError
 from sparsetune.methods import register
 from sparsetune.methods.base import Method
-from sparsetune.models import LoadedModel, default_targets, find_blocks
+from sparsetune.models import LoadedModel, default_targets, is_causal_lm, find_blocks
+from sparsetune.peft_adapter import save_adapter
 from sparsetune.recipe import MethodConfig
 from sparsetune.rundir import RunDir, atomic_path, write_json
 from sparsetune.sparse.delta import index_dtype
@@ -38,7 +42,9 @@ class SiftConfig(MethodConfig):
     target: list[str] | None = Field(None, description="Linear modules relative to a block; default per architecture")
     bias: bool = Field(True, description="also train the targeted modules' biases (the paper does)")
     score: Literal["gradient", "magnitude", "random"] = "gradient"
-    selection: Literal["per_tensor", "global"] = Field("per_tensor", description="top-k per tensor (paper) or overall")
+    selection: Literal["per_tensor", "global", "shira_rank"] = Field(
+        "per_tensor", description="top-k per tensor (paper), overall, or per tensor with k = r(m+n) so that "
+        "export-delta --format peft can write a PEFT SHiRA adapter")
     warmup_batches: int = Field(8, gt=0, description="micro-batches whose |gradient| is accumulated")
     grad: Literal["indexed", "dense"] = Field(
         "indexed", description="indexed: gradient only at the selected entries; dense: dW gathered then freed")
@@ -68,13 +74,21 @@ class Sift(Method):
         return found
 
     def plan(self, targets: dict[str, nn.Parameter]) -> dict[str, int]:
-        """Entries to train per tensor under the budget (per-tensor rule; the global rule keeps the total)."""
+        """Entries to train per tensor under the budget (the global rule keeps only the total).
+
+        shira_rank: one rank r for all tensors, k = r * (rows + cols), r chosen so the total is nearest the budget.
+        """
         total = sum(p.numel() for p in targets.values())
-        if self.cfg.budget < 1:
-            return {n: round(self.cfg.budget * p.numel()) for n, p in targets.items()}
         if self.cfg.budget > total:
             raise UserError(f"method.budget: {int(self.cfg.budget):,} entries exceed the {total:,} targeted entries")
-        return {n: round(self.cfg.budget * p.numel() / total) for n, p in targets.items()}
+        share = self.cfg.budget if self.cfg.budget < 1 else self.cfg.budget / total
+        counts = {n: round(share * p.numel()) for n, p in targets.items()}
+        if self.cfg.selection != "shira_rank":
+            return counts
+        if any(p.ndim != 2 for p in targets.values()):
+            raise UserError("method.selection: shira_rank trains weight matrices only; set method.bias=false")
+        rank = max(1, round(sum(counts.values()) / sum(sum(p.shape) for p in targets.values())))
+        return {n: min(p.numel(), rank * sum(p.shape)) for n, p in targets.items()}
 
     def stage_fingerprint(self, stage: str) -> str:
         keys = ["seed", "model", "task.name", "task.data_dir", "task.data_file", "task.train_limit", "train.batch_size",
@@ -215,6 +229,49 @@ class Sift(Method):
                 f"({100 * k / total:.3f}% of {total:,}); task head trained densely, not counted in the budget: {head:,}")
 
     # --- export -------------------------------------------------------------------------------
+    def export(self, model: nn.Module, loaded_base: LoadedModel, out: Path, fmt: str) -> Path:
+        if fmt != "peft":
+            return super().export(model, loaded_base, out, fmt)
+        return save_adapter(self._shira_adapter(model, loaded_base), loaded_base, out, self.delta_meta())
+
+    def _shira_adapter(self, model: nn.Module, loaded_base: LoadedModel) -> nn.Module:
+        """The trained increments as a PEFT SHiRA adapter on a copy of the base (same indices, same values)."""
+        wrapped = self.increments(model)
+        if any(m.bias_inc is not None for m in wrapped.values()):
+            raise UserError("export --format peft: SHiRA adapts weight matrices only and this mask has bias entries "
+                            "(train with method.bias=false method.selection=shira_rank)")
+        ranks = {name: m.weight_inc.idx.numel() / sum(m.base_layer.weight.shape) for name, m in wrapped.items()}
+        rank = next(iter(ranks.values()))
+        if not rank.is_integer() or any(r != rank for r in ranks.values()):
+            worst = next(n for n, r in ranks.items() if r != rank or not r.is_integer())
+            raise UserError(f"export --format peft: the mask does not fit SHiRA's r*(m+n) rule ('{worst}' has "
+                            f"{ranks[worst]:.2f}*(m+n) entries); select with method.selection=shira_rank")
+        base = copy.deepcopy(loaded_base.model)
+        trained = dict(model.named_parameters())
+        with torch.no_grad():  # the trained dense head rides along as PEFT's modules_to_save
+            for name, param in base.named_parameters():
+                if name not in loaded_base.pretrained_names:
+                    param.copy_(trained[name])
+        masks: dict[int, torch.Tensor] = {}
+        modules = dict(base.named_modules())
+        for name, m in wrapped.items():
+            mask = torch.zeros(m.base_layer.weight.numel())
+            mask[m.weight_inc.idx] = 1.0
+            masks[id(modules[name])] = mask.view_as(m.base_layer.weight)
+        causal = is_causal_lm(base)
+        config = ShiraConfig(r=int(rank), target_modules=sorted(wrapped),
+                             task_type=TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS)
+        config.mask_fn = lambda base_layer, r, **_: masks[id(base_layer)]
+        adapter = get_peft_model(base, config)
+        inner = adapter.base_model.model
+        with torch.no_grad():
+            for name, m in wrapped.items():
+                layer = inner.get_submodule(name)
+                rows, cols = layer.shira_indices["default"].long()
+                assert torch.equal(rows * layer.in_features + cols, m.weight_inc.idx)  # SHiRA keeps row-major order
+                layer.shira_weight["default"].copy_(m.weight_inc.values)
+        return adapter
+
     def delta_tensors(self, model: nn.Module, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tensors: dict[str, torch.Tensor] = {}
         for name, module in self.increments(model).items():
