@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after 2 untimed ones)")
     parser.add_argument("--budget", type=float, default=0.008, help="SIFT budget; LoRA/SHiRA rank is matched to it")
-    parser.add_argument("--sift-grad", default="indexed", choices=("indexed", "dense"))
+    parser.add_argument("--sift-grad", default="auto", choices=("auto", "indexed", "dense"))
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)

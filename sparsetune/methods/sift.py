@@ -33,6 +33,9 @@ from sparsetune.sparse.delta import index_dtype
 from sparsetune.sparse.increments import SiftLinear
 
 SCORES_FILE = "warmup/scores.safetensors"
+# Per-tensor share below which computing only the selected gradient entries beats a dense dW + gather
+# (measured crossover on CPU, docs/BENCH.md).
+INDEXED_BELOW = 0.003
 MASK_FILE = "mask/mask.safetensors"
 
 
@@ -46,8 +49,9 @@ class SiftConfig(MethodConfig):
         "per_tensor", description="top-k per tensor (paper), overall, or per tensor with k = r(m+n) so that "
         "export-delta --format peft can write a PEFT SHiRA adapter")
     warmup_batches: int = Field(8, gt=0, description="micro-batches whose |gradient| is accumulated")
-    grad: Literal["indexed", "dense"] = Field(
-        "indexed", description="indexed: gradient only at the selected entries; dense: dW gathered then freed")
+    grad: Literal["auto", "indexed", "dense"] = Field(
+        "auto", description="indexed: gradient only at the selected entries; dense: each layer's dW formed in its "
+        "backward, gathered, freed; auto: indexed below INDEXED_BELOW of a tensor, else dense")
 
 
 @register
@@ -182,8 +186,10 @@ class Sift(Method):
         self._wrapped: dict[str, SiftLinear] = {}
         for module_name in sorted({n.rsplit(".", 1)[0] for n in mask}):
             parent_name, _, child = module_name.rpartition(".")
-            wrapped = SiftLinear(modules[module_name], mask.get(f"{module_name}.weight"),
-                                 mask.get(f"{module_name}.bias"), indexed_grad=self.cfg.grad == "indexed")
+            weight_idx = mask.get(f"{module_name}.weight")
+            share = 0.0 if weight_idx is None else weight_idx.numel() / modules[module_name].weight.numel()
+            indexed = self.cfg.grad == "indexed" or (self.cfg.grad == "auto" and share < INDEXED_BELOW)
+            wrapped = SiftLinear(modules[module_name], weight_idx, mask.get(f"{module_name}.bias"), indexed)
             setattr(modules[parent_name], child, wrapped)
             self._wrapped[module_name] = wrapped
         return model
@@ -199,10 +205,6 @@ class Sift(Method):
         plain = [p for n, p in params.items() if not n.endswith("_inc.values") and p.ndim < 2]
         return [{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
-    def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        """The increments and the dense head; never the base weights (which carry hooks in dense-grad mode)."""
-        return {n: p for n, p in model.named_parameters()
-                if n.endswith("_inc.values") or (p.requires_grad and ".base_layer." not in n)}
 
     def after_step(self, model: nn.Module) -> None:
         for module in self.increments(model).values():

@@ -1,9 +1,10 @@
 """Sparse increments: train k chosen entries of a frozen Linear without a dense gradient or optimizer state.
 
 The base weight stays in place and is the one the forward uses; after every optimizer step the selected
-entries are rewritten as W[idx] = W0[idx] + values, so the forward never clones W. The gradient of `values`
-comes either from the dense dW gathered at idx (`grad: dense`) or, by default, straight from the
-selected entries only (`grad: indexed`): dL/dW[r, c] = sum over tokens of dy[:, r] * x[:, c].
+entries are rewritten as W[idx] = W0[idx] + values, so the forward never clones W, and no weight ever
+holds a .grad. The gradient of `values` is computed per layer inside the backward, either from only the
+selected entries (indexed: dL/dW[r, c] = sum over tokens of dy[:, r] * x[:, c]) or from this layer's dense
+dW gathered at idx and freed at once (dense). Which is faster depends on the budget (docs/BENCH.md).
 """
 
 from __future__ import annotations
@@ -26,23 +27,34 @@ def indexed_weight_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, c
     return out
 
 
-class _IndexedLinear(torch.autograd.Function):
-    """y = x W^T + b with gradients for x and for the selected entries of W and b only."""
+class _SparseGradLinear(torch.autograd.Function):
+    """y = x W^T + b with gradients for x and for the selected entries of W and b only.
+
+    The weight gradient at the selected entries is either indexed (only those entries are computed) or
+    dense: this layer's dW is formed inside the backward, gathered at idx, and freed before the next layer's.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, w_values, b_values, w_rows, w_cols, b_idx):
-        ctx.save_for_backward(x, weight, w_rows, w_cols, b_idx)
-        ctx.has_w, ctx.has_b = w_values is not None, b_values is not None
+    def forward(ctx, x, weight, bias, w_values, b_values, w_idx, w_rows, w_cols, b_idx, indexed):
+        ctx.save_for_backward(x, weight, w_idx, w_rows, w_cols, b_idx)
+        ctx.has_w, ctx.has_b, ctx.indexed = w_values is not None, b_values is not None, indexed
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, w_rows, w_cols, b_idx = ctx.saved_tensors
+        x, weight, w_idx, w_rows, w_cols, b_idx = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
         grad_x = (dy2 @ weight).view(*dy.shape[:-1], weight.shape[1]) if ctx.needs_input_grad[0] else None
-        grad_w = indexed_weight_grad(dy2, x.reshape(-1, x.shape[-1]), w_rows, w_cols) if ctx.has_w else None
-        grad_b = dy2.sum(0)[b_idx] if ctx.has_b else None
-        return grad_x, None, None, grad_w, grad_b, None, None, None
+        grad_w = grad_b = None
+        if ctx.has_w:
+            x2 = x.reshape(-1, x.shape[-1])
+            if ctx.indexed:
+                grad_w = indexed_weight_grad(dy2, x2, w_rows, w_cols)
+            else:
+                grad_w = (dy2.t() @ x2).view(-1)[w_idx]
+        if ctx.has_b:
+            grad_b = dy2.sum(0)[b_idx]
+        return grad_x, None, None, grad_w, grad_b, None, None, None, None, None
 
 
 class SparseIncrement(nn.Module):
@@ -72,26 +84,19 @@ class SiftLinear(nn.Module):
         self.weight_inc = SparseIncrement(base_layer.weight, weight_idx) if weight_idx is not None else None
         self.bias_inc = SparseIncrement(base_layer.bias, bias_idx) if bias_idx is not None else None
         self.indexed_grad = indexed_grad
-        w_idx = self.weight_inc.idx if self.weight_inc is not None else torch.empty(0, dtype=torch.long)
+        empty = torch.empty(0, dtype=torch.long, device=base_layer.weight.device)
+        w_idx = self.weight_inc.idx if self.weight_inc is not None else empty
         in_features = base_layer.weight.shape[1]
         self.register_buffer("w_rows", w_idx // in_features, persistent=False)
         self.register_buffer("w_cols", w_idx % in_features, persistent=False)
-        b_idx = self.bias_inc.idx if self.bias_inc is not None else torch.empty(0, dtype=torch.long)
-        self.register_buffer("b_idx", b_idx, persistent=False)
-        if not indexed_grad:  # gather dW (and db) at idx as soon as each is accumulated, then free it
-            for inc, param in ((self.weight_inc, base_layer.weight), (self.bias_inc, base_layer.bias)):
-                if inc is not None:
-                    param.requires_grad_(True)
-                    param.register_post_accumulate_grad_hook(_gather_into(inc))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layer = self.base_layer
-        if not self.indexed_grad:
-            return layer(x)
-        w, b = self.weight_inc, self.bias_inc
-        return _IndexedLinear.apply(
+        layer, w, b = self.base_layer, self.weight_inc, self.bias_inc
+        empty = self.w_rows[:0]
+        return _SparseGradLinear.apply(
             x, layer.weight, layer.bias, w.values if w is not None else None, b.values if b is not None else None,
-            self.w_rows, self.w_cols, self.b_idx,
+            w.idx if w is not None else empty, self.w_rows, self.w_cols, b.idx if b is not None else empty,
+            self.indexed_grad,
         )
 
     def write_back(self) -> None:
@@ -99,12 +104,3 @@ class SiftLinear(nn.Module):
             self.weight_inc.write_back(self.base_layer.weight.data)
         if self.bias_inc is not None:
             self.bias_inc.write_back(self.base_layer.bias.data)
-
-
-def _gather_into(inc: SparseIncrement):
-    def hook(param: torch.Tensor) -> None:
-        grad = param.grad.reshape(-1)[inc.idx]
-        inc.values.grad = grad if inc.values.grad is None else inc.values.grad + grad
-        param.grad = None
-
-    return hook
