@@ -2,7 +2,8 @@
 
 Same model, batch and trainable count for every method: LoRA and SHiRA get the rank whose trainable count
 matches SIFT's budget. `frozen` is the floor: forward + backward through the same model with nothing to
-update. On CPU the memory is the process's peak RSS; on a GPU, torch.cuda.max_memory_allocated.
+update. On CPU the memory is the process's peak RSS during the steps (the high-water mark is reset after
+loading through /proc/self/clear_refs, so loading transients do not count); on a GPU, max_memory_allocated.
 
     python scripts/bench.py --model smollm2-135m --batch-size 1 --seq-len 128 --budget 0.008 --json bench.json
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = ("frozen", "full", "lora", "shira", "sift")
+METHODS = ("frozen", "full", "lora", "shira", "sift", "sift-dense")
+SIFT_GRAD = {"sift": "indexed", "sift-dense": "dense"}  # sift's `grad` setting per row
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,7 +31,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after 2 untimed ones)")
     parser.add_argument("--budget", type=float, default=0.008, help="SIFT budget; LoRA/SHiRA rank is matched to it")
-    parser.add_argument("--sift-grad", default="auto", choices=("auto", "indexed", "dense"))
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -56,7 +56,7 @@ def _setup(args: argparse.Namespace, method: str):
     task = "instruct" if causal else "sst2"
     sift_recipe = build_recipe({"output_dir": "unused", "model": {"name": args.model}, "task": {"name": task},
                                 "method": {"name": "sift", "budget": args.budget, "score": "random",
-                                           "grad": args.sift_grad}})
+                                           "grad": SIFT_GRAD.get(method, "indexed")}})
     sift = method_class("sift")(sift_recipe)
     targets = sift.targets(model)
     k = sum(sift.plan(targets).values())
@@ -85,12 +85,20 @@ def _setup(args: argparse.Namespace, method: str):
         run.record_stage("select", sift.stage_fingerprint("select"))
         model = sift.prepare(loaded, run)
         after_step = lambda: sift.after_step(model)  # noqa: E731
-    params = list(sift.trainable_parameters(model).values()) if method == "sift" else [
-        p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(100, model.config.vocab_size, (args.batch_size, args.seq_len), generator=gen)
     labels = ids if causal else torch.randint(0, 2, (args.batch_size,), generator=gen)
     return model, params, after_step, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current RSS
+
+
+def _peak_rss_bytes() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
 
 
 def run_child(args: argparse.Namespace) -> dict:
@@ -106,6 +114,8 @@ def run_child(args: argparse.Namespace) -> dict:
     model.train()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_peak_rss()
     times = []
     for step in range(args.steps + 2):
         if cuda:
@@ -120,7 +130,7 @@ def run_child(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         if step >= 2:
             times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()
     trainable = 0 if method == "frozen" else sum(p.numel() for p in params)
     return {"method": method, "trainable": trainable, "peak_mem_bytes": peak, "step_time_s": statistics.median(times),
             "device": device, "model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len,
@@ -137,8 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         if method not in METHODS:
             sys.exit(f"error: --methods: unknown method '{method}'; expected some of {', '.join(METHODS)}")
         cmd = [sys.executable, __file__, "--child", method, "--model", args.model, "--batch-size", str(args.batch_size),
-               "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--budget", str(args.budget),
-               "--sift-grad", args.sift_grad]
+               "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--budget", str(args.budget)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"error: {method} failed:\n{done.stderr[-2000:]}")

@@ -33,9 +33,6 @@ from sparsetune.sparse.delta import index_dtype
 from sparsetune.sparse.increments import SiftLinear
 
 SCORES_FILE = "warmup/scores.safetensors"
-# Per-tensor share below which computing only the selected gradient entries beats a dense dW + gather
-# (measured crossover on CPU, docs/BENCH.md).
-INDEXED_BELOW = 0.003
 MASK_FILE = "mask/mask.safetensors"
 
 
@@ -49,9 +46,9 @@ class SiftConfig(MethodConfig):
         "per_tensor", description="top-k per tensor (paper), overall, or per tensor with k = r(m+n) so that "
         "export-delta --format peft can write a PEFT SHiRA adapter")
     warmup_batches: int = Field(8, gt=0, description="micro-batches whose |gradient| is accumulated")
-    grad: Literal["auto", "indexed", "dense"] = Field(
-        "auto", description="indexed: gradient only at the selected entries; dense: each layer's dW formed in its "
-        "backward, gathered, freed; auto: indexed below INDEXED_BELOW of a tensor, else dense")
+    grad: Literal["indexed", "dense"] = Field(
+        "indexed", description="indexed: gradient only at the selected entries (least memory); dense: each layer's "
+        "dW formed in its backward, gathered, freed (faster on CPU above ~0.3% of a tensor, docs/BENCH.md)")
 
 
 @register
@@ -186,10 +183,8 @@ class Sift(Method):
         self._wrapped: dict[str, SiftLinear] = {}
         for module_name in sorted({n.rsplit(".", 1)[0] for n in mask}):
             parent_name, _, child = module_name.rpartition(".")
-            weight_idx = mask.get(f"{module_name}.weight")
-            share = 0.0 if weight_idx is None else weight_idx.numel() / modules[module_name].weight.numel()
-            indexed = self.cfg.grad == "indexed" or (self.cfg.grad == "auto" and share < INDEXED_BELOW)
-            wrapped = SiftLinear(modules[module_name], weight_idx, mask.get(f"{module_name}.bias"), indexed)
+            wrapped = SiftLinear(modules[module_name], mask.get(f"{module_name}.weight"),
+                                 mask.get(f"{module_name}.bias"), indexed_grad=self.cfg.grad == "indexed")
             setattr(modules[parent_name], child, wrapped)
             self._wrapped[module_name] = wrapped
         return model
