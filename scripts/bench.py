@@ -40,7 +40,6 @@ def _setup(args: argparse.Namespace, method: str):
     """Build the model for `method` through sparsetune's own code; returns (model, params, after_step, batch)."""
     import torch
 
-    from sparsetune.data import task_spec
     from sparsetune.methods import method_class
     from sparsetune.models import HeadSpec, is_causal_lm, load_model
     from sparsetune.recipe import build_recipe
