@@ -159,15 +159,27 @@ def plot_curves(task: str, runs: list[RunInfo], out: Path) -> str | None:
     if not runs:
         return None
     fig, (loss_ax, dev_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in runs:
-        steps = [row["step"] for row in r.rows if "loss" in row]
-        loss_ax.plot(steps, [row["loss"] for row in r.rows if "loss" in row], label=r.name, linewidth=1.2)
-        points = [(s, m[r.primary]) for s, m in r.evals() if r.primary in m]
-        if points:
-            dev_ax.plot(*zip(*points), marker="o", label=r.name, linewidth=1.2)
-    loss_ax.set(title=f"{task}: training loss", xlabel="optimizer step", ylabel="loss")
     primary = runs[0].primary or "metric"
-    dev_ax.set(title=f"{task}: dev {primary}", xlabel="optimizer step", ylabel=primary)
+    points = {r.name: [(s, m[r.primary]) for s, m in r.evals() if r.primary in m] for r in runs}
+    for index, r in enumerate(runs):
+        steps = [row["step"] for row in r.rows if "loss" in row]
+        loss_ax.plot(steps, [row["loss"] for row in r.rows if "loss" in row], label=r.name, linewidth=1.2,
+                     color=f"C{index}")
+    if all(len(p) <= 1 for p in points.values()):  # one evaluation per run: a line would be a single dot
+        finals = [(index, name, p[0][1]) for index, (name, p) in enumerate(points.items()) if p]
+        dev_ax.barh([name for _, name, _ in finals], [v for _, _, v in finals],
+                    color=[f"C{index}" for index, _, _ in finals])
+        for y, (_, _, value) in enumerate(finals):
+            dev_ax.annotate(f"{value:.4f}", (value, y), xytext=(3, 0), textcoords="offset points", va="center",
+                            fontsize=8)
+        dev_ax.invert_yaxis()
+        dev_ax.set(title=f"{task}: final dev {primary}", xlabel=primary)
+    else:
+        for index, r in enumerate(runs):
+            if points[r.name]:
+                dev_ax.plot(*zip(*points[r.name]), marker="o", label=r.name, linewidth=1.2, color=f"C{index}")
+        dev_ax.set(title=f"{task}: dev {primary}", xlabel="optimizer step", ylabel=primary)
+    loss_ax.set(title=f"{task}: training loss", xlabel="optimizer step", ylabel="loss")
     for ax in (loss_ax, dev_ax):
         ax.grid(alpha=0.3)
     loss_ax.legend(fontsize=7, loc="best")
