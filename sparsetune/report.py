@@ -23,7 +23,8 @@ from sparsetune.data import TASKS  # noqa: E402
 from sparsetune.errors import UserError  # noqa: E402
 from sparsetune.rundir import RunDir, atomic_path, read_json  # noqa: E402
 
-BUDGET_KEYS = ("budget", "r", "alpha")  # what may differ between the points of one budget curve
+# What may differ between the points of one budget curve; `grad` only picks how SIFT computes the same gradient.
+BUDGET_KEYS = ("budget", "r", "alpha", "grad")
 
 
 @dataclass
@@ -254,10 +255,11 @@ def plot_budget(task: str, runs: list[RunInfo], out: Path) -> str | None:
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for members in curves.values():
+    for index, members in enumerate(curves.values()):  # distinct markers and dashes keep equal curves visible
         members.sort(key=lambda r: r.trainable)
-        ax.plot([r.trainable for r in members], [r.metrics[r.primary] for r in members], marker="o",
-                label=members[0].method)
+        ax.plot([r.trainable for r in members], [r.metrics[r.primary] for r in members], label=members[0].method,
+                marker="os^vDP"[index % 6], linestyle=("-", "--", ":", "-.")[index % 4], markersize=8 - index,
+                alpha=0.85)
     primary = runs[0].primary
     ax.set_xscale("log")
     ax.set(title=f"{task}: dev {primary} against trainable entries", xlabel="trainable entries (log scale)",
