@@ -161,24 +161,24 @@ def plot_curves(task: str, runs: list[RunInfo], out: Path) -> str | None:
         return None
     fig, (loss_ax, dev_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     primary = runs[0].primary or "metric"
-    points = {r.name: [(s, m[r.primary]) for s, m in r.evals() if r.primary in m] for r in runs}
+    points = [[(s, m[r.primary]) for s, m in r.evals() if r.primary in m] for r in runs]  # per run, its colour
     for index, r in enumerate(runs):
         steps = [row["step"] for row in r.rows if "loss" in row]
         loss_ax.plot(steps, [row["loss"] for row in r.rows if "loss" in row], label=r.name, linewidth=1.2,
                      color=f"C{index}")
-    if all(len(p) <= 1 for p in points.values()):  # one evaluation per run: a line would be a single dot
-        finals = [(index, name, p[0][1]) for index, (name, p) in enumerate(points.items()) if p]
-        dev_ax.barh([name for _, name, _ in finals], [v for _, _, v in finals],
-                    color=[f"C{index}" for index, _, _ in finals])
-        for y, (_, _, value) in enumerate(finals):
+    if all(len(p) <= 1 for p in points):  # one evaluation per run: a line would be a single dot
+        finals = [(index, p[0][1]) for index, p in enumerate(points) if p]
+        dev_ax.barh(range(len(finals)), [value for _, value in finals], color=[f"C{i}" for i, _ in finals])
+        dev_ax.set_yticks(range(len(finals)), [runs[i].name for i, _ in finals])
+        for y, (_, value) in enumerate(finals):
             dev_ax.annotate(f"{value:.4f}", (value, y), xytext=(3, 0), textcoords="offset points", va="center",
                             fontsize=8)
         dev_ax.invert_yaxis()
         dev_ax.set(title=f"{task}: final dev {primary}", xlabel=primary)
     else:
-        for index, r in enumerate(runs):
-            if points[r.name]:
-                dev_ax.plot(*zip(*points[r.name]), marker="o", label=r.name, linewidth=1.2, color=f"C{index}")
+        for index, (r, p) in enumerate(zip(runs, points)):
+            if p:
+                dev_ax.plot(*zip(*p), marker="o", label=r.name, linewidth=1.2, color=f"C{index}")
         dev_ax.set(title=f"{task}: dev {primary}", xlabel="optimizer step", ylabel=primary)
     loss_ax.set(title=f"{task}: training loss", xlabel="optimizer step", ylabel="loss")
     for ax in (loss_ax, dev_ax):
@@ -258,7 +258,7 @@ def plot_budget(task: str, runs: list[RunInfo], out: Path) -> str | None:
     for index, members in enumerate(curves.values()):  # distinct markers and dashes keep equal curves visible
         members.sort(key=lambda r: r.trainable)
         ax.plot([r.trainable for r in members], [r.metrics[r.primary] for r in members], label=members[0].method,
-                marker="os^vDP"[index % 6], linestyle=("-", "--", ":", "-.")[index % 4], markersize=8 - index,
+                marker="os^vDP"[index % 6], linestyle=("-", "--", ":", "-.")[index % 4], markersize=(8, 6.5, 5)[index % 3],
                 alpha=0.85)
     primary = runs[0].primary
     ax.set_xscale("log")
