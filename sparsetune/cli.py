@@ -25,6 +25,7 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overri
 RunArg = Annotated[Path, typer.Argument(help="run directory (the recipe's output_dir)")]
 Force = Annotated[bool, typer.Option("--force", help="recompute even when a result exists")]
 Checkpoint = Annotated[str, typer.Option(help="'final' or a checkpoint folder name such as step-100")]
+Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps; default: the run's train.device")]
 
 
 def _load(recipe_path: Path, overrides: list[str] | None):
@@ -53,7 +54,8 @@ def _run_stage(stage: str, recipe, run, force: bool, explicit: bool = True) -> N
     started = time.perf_counter()
     session = build(recipe, run, with_data=stage == "warmup", prepare=False)  # selection reads only scores
     summary = getattr(session.method, stage)(session.loaded, session.data, run)
-    run.record_stage(stage, fingerprint, summary=summary, wall_time_s=round(time.perf_counter() - started, 2))
+    run.record_stage(stage, fingerprint, summary=summary, wall_time_s=round(time.perf_counter() - started, 2),
+                     **session.placement.record())
     log.print(f"{stage}: {summary}")
 
 
@@ -106,13 +108,13 @@ def select_(recipe_path: RecipeArg, overrides: Overrides = None, force: Force = 
 
 
 @app.command("eval")
-def eval_(run_dir: RunArg, checkpoint: Checkpoint = "final") -> None:
+def eval_(run_dir: RunArg, checkpoint: Checkpoint = "final", device: Device = None) -> None:
     """Score a run on its dev split(s): eval/results.json and eval/predictions.jsonl."""
     from sparsetune.rundir import RunDir
     from sparsetune.train import restore, write_eval
 
     run = RunDir(run_dir)
-    results = write_eval(run, restore(run, checkpoint), checkpoint)
+    results = write_eval(run, restore(run, checkpoint, device=device), checkpoint)
     _print_results(results, run)
 
 
@@ -122,6 +124,7 @@ def export_delta(
     output: Annotated[Path, typer.Option("-o", "--output", help="file (delta) or folder (merged, peft) to write")],
     fmt: Annotated[str, typer.Option("--format", help="auto (the method's own), delta, merged or peft")] = "auto",
     checkpoint: Checkpoint = "final",
+    device: Device = None,
 ) -> None:
     """Write the tuned task as a delta over the base model (or a merged model / PEFT adapter)."""
     from sparsetune.methods.base import EXPORT_FORMATS
@@ -130,7 +133,7 @@ def export_delta(
 
     if fmt not in EXPORT_FORMATS:
         raise unknown("--format", fmt, EXPORT_FORMATS)
-    size = export_run(RunDir(run_dir), output, fmt, checkpoint)
+    size = export_run(RunDir(run_dir), output, fmt, checkpoint, device)
     out.print(f"wrote {output} ({size:,} bytes)")
 
 
@@ -139,8 +142,10 @@ def apply_delta(
     delta: Annotated[Path, typer.Argument(help="delta file or PEFT adapter folder written by export-delta")],
     output: Annotated[Path, typer.Option("-o", "--output", help="folder for the merged Hugging Face model")],
     base: Annotated[Optional[str], typer.Option(help="base model; default: the one recorded in the delta")] = None,
+    device: Annotated[str, typer.Option(help="where to merge: cpu, cuda, cuda:N or mps")] = "cpu",
 ) -> None:
     """Turn the base model plus a delta into a merged model folder that from_pretrained loads."""
+    from sparsetune.device import resolve_device
     from sparsetune.peft_adapter import apply_adapter, read_adapter_meta
     from sparsetune.models import HeadSpec, load_model
     from sparsetune.rundir import atomic_path
@@ -149,6 +154,7 @@ def apply_delta(
     adapter = delta.is_dir()
     tensors, meta = (None, read_adapter_meta(delta)) if adapter else read_delta(delta)
     loaded = load_model(base or meta["base_model"], HeadSpec(**meta["head"]))
+    loaded.model.to(resolve_device(device))
     if adapter:
         model = apply_adapter(loaded.model, delta, meta)
     else:

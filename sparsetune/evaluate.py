@@ -11,31 +11,35 @@ from torch import nn
 from sparsetune.data import Split, TaskData, TaskSpec, collate
 from sparsetune.data.instruct import prompt_text
 from sparsetune.data.metrics import compute_metrics
+from sparsetune.device import Placement
 
 
-def _batches(split: Split, batch_size: int, pad_id: int):
+def _batches(split: Split, batch_size: int, pad_id: int, placement: Placement):
     for start in range(0, len(split.features), batch_size):
-        yield collate(split.features[start : start + batch_size], pad_id)
+        yield placement.batch(collate(split.features[start : start + batch_size], pad_id))
 
 
 @torch.no_grad()
-def evaluate_split(model: nn.Module, split: Split, spec: TaskSpec, tokenizer, batch_size: int) -> tuple[dict, list[dict]]:
+def evaluate_split(model: nn.Module, split: Split, spec: TaskSpec, tokenizer, batch_size: int,
+                   placement: Placement) -> tuple[dict, list[dict]]:
     """(metrics, prediction rows) for one split; instruction data gives token-weighted loss and perplexity."""
     was_training = model.training
     model.eval()
     try:
         if spec.kind == "instruct":
             total, tokens = 0.0, 0
-            for batch in _batches(split, batch_size, tokenizer.pad_token_id):
+            for batch in _batches(split, batch_size, tokenizer.pad_token_id, placement):
                 n = int((batch["labels"][:, 1:] != -100).sum())  # the model shifts labels by one
-                total += float(model(**batch).loss) * n
+                with placement.autocast():
+                    total += float(model(**batch).loss) * n
                 tokens += n
             loss = total / tokens
             return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}, []
         predictions: list = []
-        for batch in _batches(split, batch_size, tokenizer.pad_token_id):
+        for batch in _batches(split, batch_size, tokenizer.pad_token_id, placement):
             batch.pop("labels")
-            logits = model(**batch).logits
+            with placement.autocast():
+                logits = model(**batch).logits.float()
             predictions += logits.squeeze(-1).tolist() if spec.kind == "regression" else logits.argmax(-1).tolist()
         labels = [e.label for e in split.examples]
         rows = [asdict(e) | {"index": i, "prediction": p} for i, (e, p) in enumerate(zip(split.examples, predictions))]
@@ -45,31 +49,35 @@ def evaluate_split(model: nn.Module, split: Split, spec: TaskSpec, tokenizer, ba
 
 
 @torch.no_grad()
-def generate(model: nn.Module, split: Split, tokenizer, count: int, max_new_tokens: int) -> list[dict]:
+def generate(model: nn.Module, split: Split, tokenizer, count: int, max_new_tokens: int,
+             placement: Placement) -> list[dict]:
     """Greedy generations for the first `count` held-out prompts, one at a time (no padding effects)."""
     model.eval()
     rows = []
     for record in split.examples[:count]:
         prompt = prompt_text(record, tokenizer)
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
-        ids = {k: ids[k] for k in ("input_ids", "attention_mask")}
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        ids = placement.batch({k: ids[k] for k in ("input_ids", "attention_mask")})
+        with placement.autocast():
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
         text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
         rows.append({"instruction": record.instruction, "input": record.input, "reference": record.output,
                      "generation": text})
     return rows
 
 
-def evaluate(model: nn.Module, data: TaskData, tokenizer, batch_size: int, generations: int = 0,
-             max_new_tokens: int = 64, splits: int | None = None) -> tuple[dict, list[dict]]:
+def evaluate(model: nn.Module, data: TaskData, tokenizer, batch_size: int, placement: Placement,
+             generations: int = 0, max_new_tokens: int = 64, splits: int | None = None) -> tuple[dict, list[dict]]:
     """Metrics over the dev splits (the first unsuffixed, others suffixed `_<split>`) and prediction rows."""
     metrics: dict = {}
     rows: list[dict] = []
     for i, split in enumerate(data.evals[:splits]):
-        split_metrics, split_rows = evaluate_split(model, split, data.spec, tokenizer, batch_size)
+        split_metrics, split_rows = evaluate_split(model, split, data.spec, tokenizer, batch_size, placement)
         suffix = "" if i == 0 else f"_{split.name}"
         metrics |= {f"{k}{suffix}": v for k, v in split_metrics.items()}
         rows += [{"split": split.name} | r for r in split_rows]
     if data.spec.kind == "instruct" and generations:
-        rows += [{"split": data.evals[0].name} | r for r in generate(model, data.evals[0], tokenizer, generations, max_new_tokens)]
+        generated = generate(model, data.evals[0], tokenizer, generations, max_new_tokens, placement)
+        rows += [{"split": data.evals[0].name} | r for r in generated]
     return metrics, rows

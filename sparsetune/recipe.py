@@ -6,7 +6,7 @@ import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
@@ -50,6 +50,10 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(10, gt=0)
     eval_batch_size: int = Field(64, gt=0)
+    device: str = Field("auto", description="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="storage and compute dtype of the frozen base; trainable tensors stay fp32")
+    gradient_checkpointing: bool = Field(False, description="recompute block activations in the backward")
 
 
 class MethodConfig(Strict):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparsetune.data import TaskData, collate, load_task, task_spec
+from sparsetune.device import Placement, peak_rss_bytes, to_cpu
 from sparsetune.errors import UserError
 from sparsetune.evaluate import evaluate
 from sparsetune.methods import method_class
@@ -39,19 +39,32 @@ class Session:
     model: nn.Module
     data: TaskData | None
 
+    @property
+    def placement(self) -> Placement:
+        return self.method.placement
+
 
 def build(recipe: Recipe, run: RunDir | None, with_data: bool = True, prepare: bool = True) -> Session:
-    """Load model and data; `prepare` hands the model to the method (stages before training skip it)."""
+    """Load model and data; `prepare` hands the model to the method (stages before training skip it); the
+    result sits on the recipe's device with the frozen base in its dtype."""
     torch.manual_seed(recipe.seed)  # a fresh task head is initialised from the recipe's seed
-    method = method_class(recipe.method.name)(recipe)
+    method = method_class(recipe.method.name)(recipe)  # resolves train.device first: a bad one fails before loading
     loaded = load_model(recipe.model.name, HeadSpec.for_task(task_spec(recipe.task.name)))
     data = load_task(recipe.task, loaded.tokenizer, recipe.model.max_length) if with_data else None
-    return Session(recipe, method, loaded, method.prepare(loaded, run) if prepare else loaded.model, data)
+    model = method.prepare(loaded, run) if prepare else loaded.model
+    return Session(recipe, method, loaded, method.placement.place(model), data)
 
 
-def restore(run: RunDir, checkpoint: str = "final", with_data: bool = True) -> Session:
-    """Rebuild a run's trained model from `final/` or `checkpoints/step-N/`."""
-    recipe = run.load_recipe()
+def with_placement(recipe: Recipe, device: str | None = None, dtype: str | None = None) -> Recipe:
+    """`recipe` computing elsewhere: eval or export of a run on another machine, an fp32 merge for export."""
+    updates = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update=updates)}) if updates else recipe
+
+
+def restore(run: RunDir, checkpoint: str = "final", with_data: bool = True, device: str | None = None,
+            dtype: str | None = None) -> Session:
+    """Rebuild a run's trained model from `final/` or `checkpoints/step-N/` (on its recipe's device unless told)."""
+    recipe = with_placement(run.load_recipe(), device, dtype)
     folder = run.final if checkpoint == "final" else run.checkpoints / checkpoint
     if not (folder / TRAINABLE_FILE).is_file():
         raise UserError(f"{run.root}: no trained state in '{folder.name}' (has `sparsetune train` finished?)")
@@ -81,15 +94,13 @@ def _micro_batches(n: int, batch_size: int, seed: int, start: int):
         k += 1
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 class Trainer:
     def __init__(self, session: Session, run: RunDir, console: Console):
         self.s, self.run, self.console = session, run, console
         cfg = session.recipe.train
         self.cfg = cfg
+        self.placement = session.placement
+        self.scaler = self.placement.grad_scaler()  # fp16 only; a no-op otherwise
         self.groups = session.method.param_groups(session.model, cfg.weight_decay)
         self.params = [p for g in self.groups for p in g["params"]]
         if not self.params:
@@ -110,11 +121,11 @@ class Trainer:
             save_file(self.s.method.trainable_state(self.s.model), str(tmp / TRAINABLE_FILE))
             if method_state := self.s.method.method_state():
                 save_file(method_state, str(tmp / METHOD_STATE_FILE))
-            torch.save(
-                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": torch.get_rng_state()},
-                tmp / "state.pt",
-            )
+            state = {"optimizer": to_cpu(self.optimizer.state_dict()), "scheduler": self.scheduler.state_dict(),
+                     "rng": torch.get_rng_state(), "scaler": self.scaler.state_dict()}
+            if self.placement.device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(self.placement.device)
+            torch.save(state, tmp / "state.pt")
             write_json(tmp / "trainer.json", {"step": self.step, "micro_batches": self.consumed,
                                               "recipe_fingerprint": self.s.recipe.fingerprint()})
         self.run.prune_checkpoints(self.cfg.keep_checkpoints)
@@ -123,22 +134,26 @@ class Trainer:
         self.s.method.load_trainable_state(self.s.model, load_file(str(folder / TRAINABLE_FILE)))
         if (folder / METHOD_STATE_FILE).is_file():
             self.s.method.load_method_state(load_file(str(folder / METHOD_STATE_FILE)))
-        state = torch.load(folder / "state.pt", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
+        self.optimizer.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if "cuda_rng" in state and self.placement.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.placement.device)
         info = read_json(folder / "trainer.json")
         self.step, self.consumed = info["step"], info["micro_batches"]
 
     # --- the loop -----------------------------------------------------------------------------
     def train(self, stop_at_step: int | None = None) -> bool:
         """Train to the end (returns True) or until `stop_at_step` (checkpointed; returns False)."""
-        s, cfg, run = self.s, self.cfg, self.run
+        s, cfg, run, placement = self.s, self.cfg, self.run, self.placement
         pad_id = s.loaded.tokenizer.pad_token_id
         features = s.data.train.features
         stream = _micro_batches(len(features), cfg.batch_size, s.recipe.seed, self.consumed)
         s.model.train()
-        started, window_loss, window_steps, window_examples = time.perf_counter(), 0.0, 0, 0
+        started, window_losses, window_steps, window_examples = time.perf_counter(), [], 0, 0
         window_start = started
         with self._progress() as progress:
             task = progress.add_task("train", total=self.total_steps, completed=self.step, status="")
@@ -148,15 +163,19 @@ class Trainer:
                 for _ in range(cfg.grad_accum):
                     idx = next(stream)
                     self.consumed += 1
-                    loss = s.model(**collate([features[i] for i in idx], pad_id)).loss / cfg.grad_accum
-                    loss.backward()
-                    window_loss += float(loss.detach())
+                    batch = placement.batch(collate([features[i] for i in idx], pad_id))
+                    with placement.autocast():
+                        loss = s.model(**batch).loss / cfg.grad_accum
+                    self.scaler.scale(loss).backward()
+                    window_losses.append(loss.detach())  # read at log time: no device sync per micro-batch
                     window_examples += len(idx)
-                grad_norm = (
-                    float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)) if cfg.max_grad_norm else None
-                )
+                grad_norm = None
+                if cfg.max_grad_norm:
+                    self.scaler.unscale_(self.optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 lr = self.scheduler.get_last_lr()[0]
-                self.optimizer.step()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 s.method.after_step(s.model)
@@ -166,17 +185,19 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or last:
                     now = time.perf_counter()
                     row = {"step": self.step, "epoch": round(self.consumed / self.micro_per_epoch, 4),
-                           "loss": window_loss / window_steps, "lr": lr, "grad_norm": grad_norm,
+                           "loss": sum(float(v) for v in window_losses) / window_steps, "lr": lr,
+                           "grad_norm": None if grad_norm is None else float(grad_norm),
                            "examples_per_s": window_examples / (now - window_start), "elapsed_s": now - started}
                     run.append_metrics(row)
-                    status = f"loss {row['loss']:.4f} lr {lr:.2e} {row['examples_per_s']:.1f} ex/s"
+                    status = (f"loss {row['loss']:.4f} lr {lr:.2e} {row['examples_per_s']:.1f} ex/s"
+                              f"{placement.memory_status()}")
                     progress.update(task, status=status)
                     if not self.console.is_terminal:
                         self.console.print(f"step {self.step}/{self.total_steps} {status}")
-                    window_loss, window_steps, window_examples, window_start = 0.0, 0, 0, now
+                    window_losses, window_steps, window_examples, window_start = [], 0, 0, now
                 progress.update(task, completed=self.step)
                 if self._due(cfg.eval_every) and not last:
-                    metrics, _ = evaluate(s.model, s.data, s.loaded.tokenizer, cfg.eval_batch_size, splits=1)
+                    metrics, _ = evaluate(s.model, s.data, s.loaded.tokenizer, cfg.eval_batch_size, placement, splits=1)
                     run.append_metrics({"step": self.step, "eval": metrics})
                     self.console.print(f"step {self.step} dev {_fmt(metrics)}")
                 if not last and (self._due(cfg.save_every) or self.step == stop_at_step):
@@ -210,7 +231,7 @@ def write_eval(run: RunDir, session: Session, checkpoint: str) -> dict:
     """Score `session` on every dev split; write eval/results.json and eval/predictions.jsonl."""
     r = session.recipe
     metrics, rows = evaluate(session.model, session.data, session.loaded.tokenizer, r.train.eval_batch_size,
-                             r.task.generations, r.task.max_new_tokens)
+                             session.placement, r.task.generations, r.task.max_new_tokens)
     results = {"task": r.task.name, "splits": [s.name for s in session.data.evals], "metrics": metrics,
                "checkpoint": checkpoint, "method": r.method.name, "model": r.model.name,
                "recipe_fingerprint": r.fingerprint(), "examples": {s.name: len(s.features) for s in session.data.evals}}
@@ -227,6 +248,8 @@ def train_run(recipe: Recipe, run: RunDir, console: Console, resume: bool, stop_
         session = restore(run)
         return write_eval(run, session, "final")
     session = build(recipe, run)
+    placement = session.placement
+    run.update_manifest(**placement.record())
     trainer = Trainer(session, run, console)
     steps = run.checkpoint_steps()
     if resume and steps:
@@ -235,8 +258,10 @@ def train_run(recipe: Recipe, run: RunDir, console: Console, resume: bool, stop_
     run.truncate_metrics(trainer.step)  # rows an interrupted attempt logged past the checkpoint (or before any)
     console.print(
         f"training {recipe.method.name} on {recipe.task.name}: {session.method.trainable_count(session.model):,} "
-        f"trainable, {len(session.data.train.features):,} examples, {trainer.total_steps} steps"
+        f"trainable, {len(session.data.train.features):,} examples, {trainer.total_steps} steps, on "
+        f"{placement.device} ({placement.device_name()}), base in {placement.dtype_name}"
     )
+    placement.reset_peak_memory()
     earlier = run.manifest().get("stages", {}).get("train", {}).get("wall_time_s", 0.0) if trainer.step else 0.0
     started = time.perf_counter()
     finished = trainer.train(stop_at_step)
@@ -246,18 +271,23 @@ def train_run(recipe: Recipe, run: RunDir, console: Console, resume: bool, stop_
         console.print(f"stopped at step {trainer.step}; continue with --resume")
         return None
     trainer.save_final()
+    peaks = {"peak_rss_bytes": peak_rss_bytes(), "peak_device_memory_bytes": placement.peak_memory_bytes()}
     run.record_stage("train", recipe.fingerprint(), completed=True, step=trainer.step, wall_time_s=round(elapsed, 2),
-                     trainable=session.method.trainable_count(session.model), peak_rss_bytes=peak_rss_bytes())
+                     trainable=session.method.trainable_count(session.model), **placement.record(), **peaks)
+    run.update_manifest(**placement.record(), **peaks)
     return write_eval(run, session, "final")
 
 
-def export_run(run: RunDir, output: Path, fmt: str, checkpoint: str = "final") -> int:
+def export_run(run: RunDir, output: Path, fmt: str, checkpoint: str = "final", device: str | None = None) -> int:
     """Write a run's trained task in `fmt` (auto: the method's own); returns the bytes written.
 
+    Export merges into the base as distributed (fp32), whatever dtype the run stored its base in: a delta
+    holds the trained fp32 increments, and a merged model is base + increments, not a rounded bf16 copy.
     The size of the method's own export of final/ is kept in the manifest, for reports.
     """
-    session = restore(run, checkpoint, with_data=False)
+    session = restore(run, checkpoint, with_data=False, device=device, dtype="fp32")
     base = load_model(session.recipe.model.name, HeadSpec.for_task(task_spec(session.recipe.task.name)))
+    session.placement.place(base.model)
     path = session.method.export(session.model, base, output, fmt)
     size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     if checkpoint == "final" and fmt in ("auto", session.method.native_format):

@@ -13,10 +13,12 @@ from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, Llam
 from sparsetune.cli import main
 from sparsetune.data import collate
 from sparsetune.data.glue import packaged_file
+from sparsetune.device import Placement
 from sparsetune.models import HeadSpec, LoadedModel, load_model
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data folder {SHARED_DATA} is absent")
+FP32_CPU = Placement(torch.device("cpu"), torch.float32)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from sparsetune import __version__
 from sparsetune.data import TaskData, collate, task_spec
+from sparsetune.device import Placement
 from sparsetune.errors import UserError
 from sparsetune.models import HeadSpec, LoadedModel
 from sparsetune.recipe import MethodConfig, Recipe
@@ -37,6 +38,7 @@ class Method:
         self.recipe = recipe
         self.cfg = recipe.method
         self.reported_as = reported_as or recipe
+        self.placement = Placement.from_config(recipe.train)  # where every stage of this method computes
 
     # --- stages before training ---------------------------------------------------------------
     def stage_fingerprint(self, stage: str) -> str:
@@ -61,8 +63,8 @@ class Method:
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Everything that training changes; what checkpoints and final/ hold."""
-        return {n: p.detach() for n, p in self.trainable_parameters(model).items()}
+        """Everything that training changes; what checkpoints and final/ hold (on the CPU, for any machine)."""
+        return {n: p.detach().cpu() for n, p in self.trainable_parameters(model).items()}
 
     def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         params = self.trainable_parameters(model)
@@ -117,7 +119,8 @@ class Method:
         features, size = data.train.features, self.recipe.train.batch_size
         order = torch.randperm(len(features), generator=torch.Generator().manual_seed(self.recipe.seed))
         for b in range(count):
-            yield collate([features[i] for i in order[(b * size) % len(features):][:size].tolist()], pad_id)
+            batch = collate([features[i] for i in order[(b * size) % len(features):][:size].tolist()], pad_id)
+            yield self.placement.batch(batch)
 
     def method_state(self) -> dict[str, torch.Tensor]:
         """State the method keeps across steps besides trainable tensors (saved in checkpoints for exact resume)."""

@@ -109,7 +109,7 @@ class Ist(Method):
 
     def _batch(self, features: list[dict], pad_id: int, size: int) -> dict[str, torch.Tensor]:
         idx = torch.randperm(len(features), generator=self.generator)[:size]
-        return collate([features[i] for i in idx.tolist()], pad_id)
+        return self.placement.batch(collate([features[i] for i in idx.tolist()], pad_id))
 
     def score_round(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict:
         """One round of response suppression on `batch`; updates the scores and returns what it measured."""
@@ -140,7 +140,8 @@ class Ist(Method):
             chunk = {k: v[start : start + size] for k, v in batch.items()}
             labels = chunk["labels"]
             count = float((labels[:, 1:] != IGNORE_INDEX).sum()) if labels.ndim == 2 else float(len(labels))
-            total += float(model(**chunk).loss) * count
+            with self.placement.autocast():
+                total += float(model(**chunk).loss) * count
             weight += count
         return total / weight
 
@@ -156,7 +157,7 @@ class Ist(Method):
         """The base method's own stages (SIFT: scores and mask), a short all-block warm-up, then scoring rounds."""
         for stage in self.base.stages:
             getattr(self.base, stage)(loaded, data, run)
-        model = self._wrap(loaded, run)
+        model = self.placement.place(self._wrap(loaded, run))  # the base's trainable state, fp32 on the device
         self.generator = torch.Generator().manual_seed(self.recipe.seed + 1)  # not the training draws
         features, pad_id = data.train.features, loaded.tokenizer.pad_token_id
         self._train_all_blocks(model, features, pad_id)
@@ -179,7 +180,9 @@ class Ist(Method):
         optimizer = torch.optim.AdamW(groups, lr=train.lr)
         model.train()
         for _ in progress(range(self.cfg.warmup_steps), "IST warm-up: all-block steps"):
-            model(**self._batch(features, pad_id, train.batch_size)).loss.backward()
+            with self.placement.autocast():
+                loss = model(**self._batch(features, pad_id, train.batch_size)).loss
+            loss.backward()
             if train.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
             optimizer.step()

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 
 from sparsetune.console import progress
 from sparsetune.data import TaskData
+from sparsetune.device import to_cpu
 from sparsetune.errors import UserError
 from sparsetune.methods import register
 from sparsetune.methods.base import Method
@@ -47,9 +48,10 @@ class SiftConfig(MethodConfig):
         "per_tensor", description="top-k per tensor (paper), overall, or per tensor with k = r(m+n) so that "
         "export-delta --format peft can write a PEFT SHiRA adapter")
     warmup_batches: int = Field(8, gt=0, description="micro-batches whose |gradient| is accumulated")
-    grad: Literal["indexed", "dense"] = Field(
-        "indexed", description="indexed: gradient only at the selected entries (least memory); dense: each layer's "
-        "dW formed in its backward, gathered, freed (faster on CPU above ~0.3% of a tensor, docs/BENCH.md)")
+    grad: Literal["auto", "indexed", "dense"] = Field(
+        "auto", description="indexed: gradient only at the selected entries (an SDDMM); dense: each layer's dW "
+        "formed in its backward, gathered, freed; auto: per tensor and backward, by density, tokens and device "
+        "(the rule measured in docs/BENCH.md)")
 
 
 @register
@@ -96,21 +98,21 @@ class Sift(Method):
     def warmup(self, loaded: LoadedModel, data: TaskData, run: RunDir) -> str:
         model, targets = loaded.model, self.targets(loaded.model)
         if self.cfg.score == "magnitude":
-            scores = {n: p.detach().abs() for n, p in targets.items()}
+            scores = {n: p.detach().abs().float() for n, p in targets.items()}
         elif self.cfg.score == "random":
             generator = torch.Generator().manual_seed(self.recipe.seed)
             scores = {n: torch.rand(p.shape, generator=generator) for n, p in targets.items()}
         else:
             scores = self._gradient_scores(model, targets, data, loaded.tokenizer.pad_token_id)
         with atomic_path(run.root / SCORES_FILE) as tmp:
-            save_file({n: s.contiguous() for n, s in scores.items()}, str(tmp))
+            save_file({n: s.contiguous() for n, s in to_cpu(scores).items()}, str(tmp))
         summary = {"score": self.cfg.score, "tensors": len(scores), "entries": sum(s.numel() for s in scores.values())}
         write_json(run.root / "warmup/summary.json", summary)
         return f"{self.cfg.score} scores for {summary['entries']:,} entries in {summary['tensors']} tensors"
 
     def _gradient_scores(self, model, targets, data: TaskData, pad_id: int) -> dict[str, torch.Tensor]:
         """Sum of |dL/dW| over the first warm-up batches; each dense gradient is folded in and freed at once."""
-        scores = {n: torch.zeros_like(p) for n, p in targets.items()}
+        scores = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in targets.items()}
         model.requires_grad_(False)
         handles = []
         for name, param in targets.items():
@@ -124,7 +126,9 @@ class Sift(Method):
         model.train()
         batches = self.warmup_batches(data, pad_id, self.cfg.warmup_batches)
         for batch in progress(batches, "SIFT warm-up: |gradient|", total=self.cfg.warmup_batches):
-            model(**batch).loss.backward()
+            with self.placement.autocast():
+                loss = model(**batch).loss
+            loss.backward()
         for handle in handles:
             handle.remove()
         model.requires_grad_(False)
@@ -170,7 +174,7 @@ class Sift(Method):
         self._wrapped: dict[str, SiftLinear] = {}
         for module_name in sorted({n.rsplit(".", 1)[0] for n in mask}):
             wrapped = SiftLinear(model.get_submodule(module_name), mask.get(f"{module_name}.weight"),
-                                 mask.get(f"{module_name}.bias"), indexed_grad=self.cfg.grad == "indexed")
+                                 mask.get(f"{module_name}.bias"), grad_mode=self.cfg.grad)
             self.swap_module(model, module_name, wrapped)
             self._wrapped[module_name] = wrapped
         return model

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 
 from sparsetune.console import progress
 from sparsetune.data import TaskData
+from sparsetune.device import Placement
 from sparsetune.errors import UserError
 from sparsetune.methods import register
 from sparsetune.methods.base import Method
@@ -80,9 +81,9 @@ class Zeroing(Method):
         model, groups = loaded.model, self.layer_groups(loaded.model)
         batches = list(self.warmup_batches(data, loaded.tokenizer.pad_token_id, self.cfg.warmup_batches))
         if self.cfg.criticality == "grad_norm":
-            scores = grad_norm_criticality(model, groups, batches)
+            scores = grad_norm_criticality(model, groups, batches, self.placement)
         else:
-            scores = delta_l1_criticality(model, groups, batches, self.cfg.warmup_lr)
+            scores = delta_l1_criticality(model, groups, batches, self.cfg.warmup_lr, self.placement)
         write_json(run.root / CRITICALITY_FILE, {"criticality": self.cfg.criticality, "scores": scores})
         ranked = sorted((k for k in scores if k != EMBEDDINGS), key=scores.get, reverse=True)
         return f"{self.cfg.criticality} criticality; blocks most to least critical: {', '.join(ranked)}"
@@ -183,7 +184,8 @@ class Zeroing(Method):
         return tensors | {f"{n}.dense": p.detach() for n, p in head.items()}
 
 
-def grad_norm_criticality(model: nn.Module, groups: dict[str, list[str]], batches: list[dict]) -> dict[str, float]:
+def grad_norm_criticality(model: nn.Module, groups: dict[str, list[str]], batches: list[dict],
+                          placement: Placement) -> dict[str, float]:
     """Per layer: ||mean over batches of dL/dtheta||_2 / ||theta||_2."""
     params = dict(model.named_parameters())
     names = [n for group in groups.values() for n in group]
@@ -192,11 +194,13 @@ def grad_norm_criticality(model: nn.Module, groups: dict[str, list[str]], batche
         params[name].requires_grad_(True)
     model.train()
     for batch in progress(batches, "criticality: gradients"):
-        (model(**batch).loss / len(batches)).backward()
+        with placement.autocast():
+            loss = model(**batch).loss / len(batches)
+        loss.backward()
     scores = {}
     for layer, group in groups.items():
-        grad = torch.cat([params[n].grad.reshape(-1) for n in group])
-        weight = torch.cat([params[n].detach().reshape(-1) for n in group])
+        grad = torch.cat([params[n].grad.reshape(-1).float() for n in group])
+        weight = torch.cat([params[n].detach().reshape(-1).float() for n in group])
         scores[layer] = float(grad.norm() / weight.norm())
     model.zero_grad(set_to_none=True)
     model.requires_grad_(False)
@@ -204,19 +208,22 @@ def grad_norm_criticality(model: nn.Module, groups: dict[str, list[str]], batche
 
 
 def delta_l1_criticality(model: nn.Module, groups: dict[str, list[str]], batches: list[dict],
-                         lr: float) -> dict[str, float]:
-    """Per layer: ||theta' - theta||_1 / ||theta||_1 after one dense AdamW step per batch on a copy of the model."""
-    tuned = copy.deepcopy(model)
+                         lr: float, placement: Placement) -> dict[str, float]:
+    """Per layer: ||theta' - theta||_1 / ||theta||_1 after one dense AdamW step per batch on a copy of the model
+    (an fp32 copy: these are full fine-tuning steps, whose weights are fp32 whatever the base's storage)."""
+    tuned = copy.deepcopy(model).float()
     tuned.requires_grad_(True)
     optimizer = torch.optim.AdamW(tuned.parameters(), lr=lr, weight_decay=0.0)
     tuned.train()
     for batch in progress(batches, "criticality: dense warm-up steps"):
-        tuned(**batch).loss.backward()
+        with placement.autocast():
+            loss = tuned(**batch).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     before, after = dict(model.named_parameters()), dict(tuned.named_parameters())
     scores = {}
     for layer, group in groups.items():
-        change = sum(float((after[n].detach() - before[n].detach()).abs().sum()) for n in group)
-        scores[layer] = change / sum(float(before[n].detach().abs().sum()) for n in group)
+        change = sum(float((after[n].detach() - before[n].detach().float()).abs().sum()) for n in group)
+        scores[layer] = change / sum(float(before[n].detach().float().abs().sum()) for n in group)
     return scores

@@ -26,7 +26,7 @@ KINDS = ("dense", "idx", "val", "zero")
 
 def base_checksum(base: torch.Tensor, idx: torch.Tensor | None) -> str:
     """sha256 of the base values at the touched flat indices (all of them when idx is None)."""
-    values = base.detach().reshape(-1) if idx is None else base.detach().reshape(-1)[idx.long()]
+    values = base.detach().reshape(-1) if idx is None else base.detach().reshape(-1)[idx.long().to(base.device)]
     return hashlib.sha256(values.contiguous().cpu().numpy().tobytes()).hexdigest()
 
 
@@ -110,6 +110,7 @@ def apply_delta(model: torch.nn.Module, tensors: dict[str, torch.Tensor], meta: 
             params[name].data.copy_(value.to(params[name].dtype))
         elif kind == "val":
             idx = tensors[f"{name}.idx"].long()
-            flat[idx] = flat[idx] + value.to(flat.dtype)
+            idx = idx.to(flat.device)
+            flat[idx] = flat[idx] + value.to(flat)
         elif kind == "zero":
-            flat[value.long()] = 0
+            flat[value.long().to(flat.device)] = 0

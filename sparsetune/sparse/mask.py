@@ -45,7 +45,8 @@ class ZeroMaskLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = _TopKZeroMask.apply(self.scores, self.active_k)
-        return F.linear(x, self.base_layer.weight * mask, self.base_layer.bias)
+        weight = self.base_layer.weight
+        return F.linear(x, weight * mask.to(weight.dtype), self.base_layer.bias)  # a low-precision base stays so
 
     def zeroed(self) -> torch.Tensor:
         """The final mask's zeroed flat indices."""
