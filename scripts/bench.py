@@ -3,9 +3,12 @@
 Same model, batch and trainable count for every method: LoRA and SHiRA get the rank whose trainable count
 matches SIFT's budget. `frozen` is the floor: forward + backward through the same model with nothing to
 update. On CPU the memory is the process's peak RSS during the steps (the high-water mark is reset after
-loading through /proc/self/clear_refs, so loading transients do not count); on a GPU, max_memory_allocated.
+loading through /proc/self/clear_refs, so loading transients do not count); on a GPU, max_memory_allocated
+(the weights included). Every method runs through sparsetune's own placement (device, dtype, checkpointing).
 
     python scripts/bench.py --model smollm2-135m --batch-size 1 --seq-len 128 --budget 0.008 --json bench.json
+    python scripts/bench.py --device cuda --dtype bf16 --config llama-1b --batch-size 8 --seq-len 512
+    python scripts/bench.py --crossover [--device cuda --dtype bf16]   # the measurements behind grad: auto
 """
 
 from __future__ import annotations
@@ -20,8 +23,17 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-METHODS = ("frozen", "full", "lora", "shira", "sift", "sift-dense", "ist-lora", "ist-sift", "zeroing", "dense-critical")
-SIFT_GRAD = {"sift": "indexed", "sift-dense": "dense"}  # sift's `grad` setting per row
+METHODS = ("frozen", "full", "lora", "shira", "sift", "sift-indexed", "sift-dense", "ist-lora", "ist-sift", "zeroing",
+           "dense-critical")
+SIFT_GRAD = {"sift": "auto", "sift-indexed": "indexed", "sift-dense": "dense"}  # sift's `grad` setting per row
+# --config: models built from a config with random weights (memory and speed do not depend on the values)
+CONFIGS = {
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096, tie_word_embeddings=True),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         tie_word_embeddings=True),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,9 +44,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after 2 untimed ones)")
     parser.add_argument("--budget", type=float, default=0.008, help="SIFT budget; LoRA/SHiRA rank is matched to it")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (sparsetune's train.device)")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="the frozen base's dtype")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--config", choices=sorted(CONFIGS), help="a Llama-shaped model with random weights "
+                        "instead of --model's pretrained one")
+    parser.add_argument("--crossover", action="store_true", help="time the indexed and the dense gradient of one "
+                        "weight over shapes, token counts and densities (the measurements behind grad: auto)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def _train_settings(args: argparse.Namespace) -> dict:
+    return {"batch_size": args.batch_size, "device": args.device, "dtype": args.dtype,  # IST scores in batch chunks
+            "gradient_checkpointing": args.gradient_checkpointing}
+
+
+def _load(args: argparse.Namespace):
+    """(LoadedModel, causal): the pretrained --model, or a --config model with random weights."""
+    import torch
+    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from sparsetune.models import HeadSpec, LoadedModel, load_model, resolve
+
+    if args.config:
+        model = LlamaForCausalLM(LlamaConfig(**CONFIGS[args.config]))
+        return LoadedModel(model, SimpleNamespace(pad_token_id=0), frozenset(n for n, _ in model.named_parameters())), True
+    architecture = (AutoConfig.from_pretrained(resolve(args.model)).architectures or [""])[0]
+    causal = architecture in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()  # else: a classifier, as for GLUE
+    torch.manual_seed(0)
+    return load_model(args.model, HeadSpec("causal-lm") if causal else HeadSpec("sequence-classification", 2)), causal
 
 
 def _setup(args: argparse.Namespace, method: str):
@@ -43,24 +84,19 @@ def _setup(args: argparse.Namespace, method: str):
     IST rows run the real per-step sampling and, every 10 steps, a real scoring round on copies of the batch.
     """
     import torch
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from sparsetune.methods import method_class
-    from sparsetune.models import HeadSpec, load_model, resolve
     from sparsetune.recipe import build_recipe
     from sparsetune.rundir import RunDir
 
     torch.manual_seed(0)
-    architecture = (AutoConfig.from_pretrained(resolve(args.model)).architectures or [""])[0]
-    causal = architecture in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()  # else: a classifier, as for GLUE
-    loaded = load_model(args.model, HeadSpec("causal-lm") if causal else HeadSpec("sequence-classification", 2))
+    loaded, causal = _load(args)
     model = loaded.model
 
     def recipe(settings: dict):
         return build_recipe({"output_dir": tempfile.mkdtemp(prefix="sparsetune-bench-"), "model": {"name": args.model},
                              "task": {"name": "instruct" if causal else "sst2"}, "method": settings,
-                             "train": {"batch_size": args.batch_size}})  # IST scores in chunks of this size
+                             "train": _train_settings(args)})
 
     sift_settings = {"name": "sift", "budget": args.budget, "score": "random", "grad": SIFT_GRAD.get(method, "indexed")}
     sift = method_class("sift")(recipe(sift_settings))
@@ -98,6 +134,7 @@ def _setup(args: argparse.Namespace, method: str):
                      "labels": labels[i].tolist()} for i in range(args.batch_size)] * 16
         data = SimpleNamespace(train=SimpleNamespace(features=features))  # warm-up batches from the bench batch
         staged = getattr(chosen, "base", chosen)  # IST times its own sampling, not its warm-up
+        staged.placement.place(model)  # the stages compute on the device too; the wrapped model is placed again
         for stage in staged.stages:
             getattr(staged, stage)(loaded, data, run)
         model = chosen._wrap(loaded, run) if method.startswith("ist") else chosen.prepare(loaded, run)
@@ -117,42 +154,112 @@ def _peak_rss_bytes() -> int:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
 
 
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_child(args: argparse.Namespace) -> dict:
     import torch
 
+    from sparsetune.device import Placement
+
     method = args.child
-    cuda = torch.cuda.is_available()
+    placement = Placement.from_config(SimpleNamespace(**_train_settings(args)))
     model, params, before_step, after_step, batch = _setup(args, method)
-    device = "cuda" if cuda else "cpu"
-    model.to(device)
-    batch = {k: v.to(device) for k, v in batch.items()}
+    placement.place(model)
+    params = [p for p in params if p.requires_grad]
+    batch = placement.batch(batch)
     optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
+    scaler = placement.grad_scaler()
     model.train()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    if placement.device.type == "cuda":
+        torch.cuda.empty_cache()
+        placement.reset_peak_memory()
     else:
         _reset_peak_rss()
     times = []
     for step in range(args.steps + 2):
-        if cuda:
-            torch.cuda.synchronize()
+        _sync(placement.device)
         start = time.perf_counter()
         before_step(step)
-        model(**batch).loss.backward()
+        with placement.autocast():
+            loss = model(**batch).loss
+        scaler.scale(loss).backward()
         if optimizer:
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
         after_step()
-        if cuda:
-            torch.cuda.synchronize()
+        _sync(placement.device)
         if step >= 2:
             times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()
+    peak = placement.peak_memory_bytes() or _peak_rss_bytes()
     trainable = 0 if method == "frozen" else sum(p.numel() for p in params)
     return {"method": method, "trainable": trainable, "peak_mem_bytes": peak, "step_time_s": statistics.median(times),
-            "mean_step_time_s": statistics.mean(times),
-            "device": device, "model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len,
-            "budget": args.budget}
+            "mean_step_time_s": statistics.mean(times), "device": str(placement.device),
+            "device_name": placement.device_name(), "dtype": args.dtype,
+            "gradient_checkpointing": args.gradient_checkpointing, "model": args.config or args.model,
+            "batch_size": args.batch_size, "seq_len": args.seq_len, "budget": args.budget}
+
+
+CROSSOVER_SHAPES = ((384, 384), (192, 576), (576, 576), (1536, 576), (576, 1536), (2048, 2048), (8192, 2048))
+CROSSOVER_TOKENS = (128, 1024, 4096)
+CROSSOVER_DENSITIES = (0.001, 0.003, 0.008, 0.02, 0.05, 0.1)
+
+
+def crossover(args: argparse.Namespace) -> list[dict]:
+    """Median time of one weight's selected-entry gradient, indexed (SDDMM) against dense dW + gather, as the
+    backward of sparsetune's SiftLinear computes them, in the run's dtype on its device."""
+    import torch
+
+    from sparsetune.device import Placement
+    from sparsetune.sparse.increments import sampled_weight_grad
+
+    placement = Placement.from_config(SimpleNamespace(**_train_settings(args)))
+    device, dtype = placement.device, placement.dtype
+    rows = []
+    for tokens in CROSSOVER_TOKENS:
+        for out_f, in_f in CROSSOVER_SHAPES:
+            gen = torch.Generator().manual_seed(0)
+            dy = torch.randn(tokens, out_f, generator=gen).to(device, dtype)
+            x = torch.randn(tokens, in_f, generator=gen).to(device, dtype)
+            for density in CROSSOVER_DENSITIES:
+                k = max(1, round(density * out_f * in_f))
+                idx = torch.randperm(out_f * in_f, generator=gen)[:k].sort().values.to(device)
+                crow = torch.zeros(out_f + 1, dtype=torch.long, device=device)
+                crow[1:] = torch.bincount(idx // in_f, minlength=out_f).cumsum(0)
+                crow, col = crow.int(), (idx % in_f).int()
+                timed = {}
+                for name, fn in (("indexed", lambda: sampled_weight_grad(dy, x, crow, col)),
+                                 ("dense", lambda: (dy.t() @ x).view(-1)[idx].float())):
+                    fn()
+                    samples = []
+                    for _ in range(max(3, args.steps)):
+                        _sync(device)
+                        start = time.perf_counter()
+                        fn()
+                        _sync(device)
+                        samples.append(time.perf_counter() - start)
+                    timed[name] = statistics.median(samples) * 1e3
+                rows.append({"tokens": tokens, "shape": [out_f, in_f], "density": density, "indexed_ms": timed["indexed"],
+                             "dense_ms": timed["dense"], "device": str(device), "device_name": placement.device_name(),
+                             "dtype": args.dtype})
+                print(f"tokens {tokens} {out_f}x{in_f} density {density}: indexed {timed['indexed']:.3f} ms, "
+                      f"dense {timed['dense']:.3f} ms", file=sys.stderr)
+    print(f"\n{placement.device_name()} ({device}), {args.dtype}: ms for the gradient at the selected entries of one "
+          "weight, indexed (SDDMM) / dense (dW + gather)\n")
+    print("| tokens | weight | " + " | ".join(f"{100 * d:g}%" for d in CROSSOVER_DENSITIES) + " |")
+    print("|---:|---|" + "---:|" * len(CROSSOVER_DENSITIES))
+    for tokens in CROSSOVER_TOKENS:
+        for shape in CROSSOVER_SHAPES:
+            cells = [r for r in rows if r["tokens"] == tokens and tuple(r["shape"]) == shape]
+            print(f"| {tokens} | {shape[0]}x{shape[1]} | " + " | ".join(
+                f"{'**' if r['indexed_ms'] < r['dense_ms'] else ''}{r['indexed_ms']:.2f} / {r['dense_ms']:.2f}"
+                f"{'**' if r['indexed_ms'] < r['dense_ms'] else ''}" for r in cells) + " |")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,19 +267,29 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps(run_child(args)))
         return
+    if args.crossover:
+        rows = crossover(args)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        return
     rows = []
     for method in args.methods.split(","):
         if method not in METHODS:
             sys.exit(f"error: --methods: unknown method '{method}'; expected some of {', '.join(METHODS)}")
         cmd = [sys.executable, __file__, "--child", method, "--model", args.model, "--batch-size", str(args.batch_size),
-               "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--budget", str(args.budget)]
+               "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--budget", str(args.budget),
+               "--device", args.device, "--dtype", args.dtype] + (["--config", args.config] if args.config else []) \
+            + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"error: {method} failed:\n{done.stderr[-2000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"{method}: done", file=sys.stderr)
     full = next((r for r in rows if r["method"] == "full"), None)
-    print(f"\n{args.model}, batch {args.batch_size} x {args.seq_len}, budget {args.budget}, device {rows[0]['device']}\n")
+    first = rows[0]
+    print(f"\n{args.config or args.model}, batch {args.batch_size} x {args.seq_len}, budget {args.budget}, "
+          f"{first['device_name']} ({first['device']}), base in {args.dtype}"
+          f"{', activation checkpointing' if args.gradient_checkpointing else ''}\n")
     print("| method | trainable | peak memory (MiB) | vs full | median step (s) | vs full | mean step (s) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

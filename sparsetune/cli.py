@@ -29,10 +29,12 @@ Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or 
 
 
 def _load(recipe_path: Path, overrides: list[str] | None):
+    from sparsetune.device import Placement
     from sparsetune.recipe import load_recipe
     from sparsetune.rundir import RunDir
 
     recipe = load_recipe(recipe_path, overrides or [])
+    Placement.from_config(recipe.train)  # a device or dtype this machine lacks fails before anything is written
     return recipe, RunDir(recipe.output_dir)
 
 

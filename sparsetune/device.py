@@ -9,6 +9,7 @@ written goes through `to_cpu` first, so a run trained on a GPU is read back on a
 from __future__ import annotations
 
 import contextlib
+import platform
 import resource
 from dataclasses import dataclass
 from typing import Any
@@ -99,14 +100,15 @@ class Placement:
         return self.dtype != torch.float32
 
     def place(self, model: nn.Module) -> nn.Module:
-        """Move to the device; frozen floating tensors to the run's dtype, trainable ones to fp32.
+        """Move to the device; frozen matrices (and embeddings) to the run's dtype; trainable tensors and 1-D ones
+        (biases, norms: about 0.1% of the weights, and what mixed-dtype norm kernels expect) to fp32.
 
         Called again after a method wraps an already placed model (IST's warm-up), it only fixes what changed.
         """
         model.to(self.device)
         for param in model.parameters():
             if param.is_floating_point():
-                wanted = torch.float32 if param.requires_grad else self.dtype
+                wanted = torch.float32 if param.requires_grad or param.ndim < 2 else self.dtype
                 if param.dtype != wanted:
                     param.data = param.data.to(wanted)
         if self.gradient_checkpointing:
@@ -114,7 +116,11 @@ class Placement:
             if hf_model is None or not hf_model.supports_gradient_checkpointing:
                 raise UserError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
             # non-reentrant: works with frozen inputs, custom autograd Functions and per-step freezing alike
-            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(hf_model, "activation_checkpointing_enable"):  # transformers 5's name
+                hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         return model
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -136,9 +142,7 @@ class Placement:
             return torch.cuda.get_device_name(self.device)
         if self.device.type == "mps":
             return "Apple GPU (mps)"
-        import platform
-
-        return platform.processor() or platform.machine() or "cpu"
+        return _cpu_name()
 
     def reset_peak_memory(self) -> None:
         if self.device.type == "cuda":
@@ -161,6 +165,15 @@ class Placement:
         """Manifest entries: where the run computed."""
         return {"device": str(self.device), "device_name": self.device_name(), "dtype": self.dtype_name,
                 "gradient_checkpointing": self.gradient_checkpointing}
+
+
+def _cpu_name() -> str:
+    """The processor's model name (Linux), else the machine type."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine() or "cpu"
 
 
 def peak_rss_bytes() -> int:

@@ -51,7 +51,8 @@ def build(recipe: Recipe, run: RunDir | None, with_data: bool = True, prepare: b
     method = method_class(recipe.method.name)(recipe)  # resolves train.device first: a bad one fails before loading
     loaded = load_model(recipe.model.name, HeadSpec.for_task(task_spec(recipe.task.name)))
     data = load_task(recipe.task, loaded.tokenizer, recipe.model.max_length) if with_data else None
-    model = method.prepare(loaded, run) if prepare else loaded.model
+    # a stage marks what it differentiates itself; until then the whole base is frozen, so it is stored in dtype
+    model = method.prepare(loaded, run) if prepare else loaded.model.requires_grad_(False)
     return Session(recipe, method, loaded, method.placement.place(model), data)
 
 

@@ -27,11 +27,19 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 
 GRAD_MODES = ("auto", "indexed", "dense")
 
-# grad: auto. Per device type: (tokens up to, density below which the indexed gradient was faster than dense
-# dW + gather), from `python scripts/bench.py --crossover` (docs/BENCH.md, "The crossover"). A device type
-# without a measurement takes the dense GEMM, the choice that never costs more than dense training.
-INDEXED_BELOW: dict[str, tuple[tuple[int, float], ...]] = {
-    "cpu": ((256, 0.03), (2048, 0.03), (1 << 62, 0.01)),
+# grad: auto, per device type: rows (tokens up to, tensor entries at least, indexed below this density), read off
+# `python scripts/bench.py --crossover` (docs/BENCH.md, "The crossover"): the first row whose token and size bounds
+# hold decides; none holding means dense. The SDDMM's cost grows with tokens x (rows + cols) besides k x tokens, so
+# small tensors at many tokens go dense; the GEMM's grows with rows x cols, so large tensors stay indexed longest.
+# A device type without a measurement takes the dense GEMM, which never costs more than dense training does.
+INDEXED_BELOW: dict[str, tuple[tuple[int, int, float], ...]] = {
+    "cpu": (
+        (256, 0, 0.02),
+        (2048, 4_000_000, 0.03),
+        (2048, 300_000, 0.01),
+        (1 << 62, 16_000_000, 0.02),
+        (1 << 62, 4_000_000, 0.003),
+    ),
 }
 
 
@@ -39,8 +47,8 @@ def use_indexed(mode: str, k: int, numel: int, tokens: int, device_type: str) ->
     """Whether one backward computes the selected entries' gradient by SDDMM (else dense dW + gather)."""
     if mode != "auto":
         return mode == "indexed"
-    for max_tokens, density in INDEXED_BELOW.get(device_type, ()):
-        if tokens <= max_tokens:
+    for max_tokens, min_numel, density in INDEXED_BELOW.get(device_type, ()):
+        if tokens <= max_tokens and numel >= min_numel:
             return k / numel < density
     return False
 
@@ -65,9 +73,12 @@ class _SparseGradLinear(torch.autograd.Function):
         exact = weight.dtype == torch.float32  # the weight already holds W0 + increments
         with torch.autocast(x.device.type, enabled=False):
             x_in = x.to(weight.dtype)
-            y = F.linear(x_in, weight, bias)
-            if not exact:
-                y = y.float()
+            if exact:
+                y = F.linear(x_in, weight, bias)
+            else:  # the bias (1-D) is kept in fp32
+                y = F.linear(x_in, weight).float()
+                if bias is not None:
+                    y += bias
                 if w_values is not None:
                     delta = _csr(layer.w_crow, layer.w_col, layer.scale * w_values, tuple(weight.shape))
                     y += torch.sparse.mm(delta, x_in.reshape(-1, x_in.shape[-1]).float().t()).t().view_as(y)
