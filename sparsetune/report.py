@@ -283,15 +283,17 @@ def _fmt(value, spec: str = ",") -> str:
 
 def _table(runs: list[RunInfo], sizes: dict[Path, int | None]) -> list[str]:
     metric_names = list(dict.fromkeys(k for r in runs for k in r.metrics))
-    header = ["run", "status", "model", "method", "budget", "trainable", *metric_names, "steps", "time",
+    header = ["run", "status", "model", "method", "budget", "trainable", *metric_names, "steps", "time", "device",
               "peak memory (MiB)", "delta bytes"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in runs:
-        peak = r.train.get("peak_rss_bytes")
+        # a GPU's own peak where there is one (its RSS is only the host side), else the process's peak RSS
+        peak = r.train.get("peak_device_memory_bytes") or r.train.get("peak_rss_bytes")
+        device = " ".join(str(r.train[k]) for k in ("device", "dtype") if r.train.get(k)) or "—"
         status = r.status if not r.note else f"{r.status}: {r.note}"
         cells = [r.name, status, str(r.recipe.get("model", {}).get("name", "?")), r.method, r.budget,
                  _fmt(r.trainable), *[_fmt(r.metrics.get(k), ".4f") for k in metric_names],
-                 _fmt(r.train.get("step")), _fmt_seconds(r.wall_time_s),
+                 _fmt(r.train.get("step")), _fmt_seconds(r.wall_time_s), device,
                  _fmt(None if peak is None else round(peak / 2**20)), _fmt(sizes.get(r.path))]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return lines

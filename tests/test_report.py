@@ -48,8 +48,9 @@ def test_report_tables_and_plots(tmp_path, capsys):
     fake_run(runs, "mrpc-crashed", {"name": "lora", "r": 8}, rows=[{"step": 10, "loss": 0.9}])
     importance = [{"step": s, "ist": {"drawn": [s % 4], "importance": [0.5 + 0.01 * b * s / 10 for b in range(4)]}}
                   for s in (1, 11, 21, 31)]
+    on_gpu = done(1000) | {"device": "cuda:0", "dtype": "bf16", "peak_device_memory_bytes": 3 * 2**29}
     fake_run(runs, "sst2-ist", {"name": "ist", "base": {"name": "lora", "r": 8}}, task="sst2",
-             metrics={"accuracy": 0.81}, train=done(1000), rows=importance + [{"step": 40, "loss": 0.4}])
+             metrics={"accuracy": 0.81}, train=on_gpu, rows=importance + [{"step": 40, "loss": 0.4}])
     (runs / "notes").mkdir()
     out = tmp_path / "report"
 
@@ -58,7 +59,8 @@ def test_report_tables_and_plots(tmp_path, capsys):
     assert "6 runs: 4 complete, 1 incomplete, 1 failed" in text  # `notes` is not a run directory: not listed as one
     assert "| mrpc-stopped | incomplete: stopped at step 20; continue with --resume |" in text
     assert "| mrpc-crashed | failed: logged to step 10, no checkpoint or final state" in text
-    assert "| mrpc-sift-0.008 | complete | minilm-l6 | sift | 0.80% | 8,000 | 0.8000 | 0.7000 | 40 | 1 min 15 s | 1,024 |" in text
+    assert "| mrpc-sift-0.008 | complete | minilm-l6 | sift | 0.80% | 8,000 | 0.8000 | 0.7000 | 40 | 1 min 15 s | — | 1,024 |" in text
+    assert "| 40 | 1 min 15 s | cuda:0 bf16 | 1,536 |" in text  # a GPU run: its device's own peak memory
     assert "| ist+lora | — | 0.8100 | — |" in text  # the per-task summary: no average over missing tasks
     images = {"curves-mrpc.png", "curves-sst2.png", "budget-mrpc.png", "entries-mrpc-sift-0.008.png", "ist-sst2-ist.png"}
     assert {p.name for p in out.glob("*.png")} == images

@@ -25,6 +25,16 @@ def test_quickstart_recipe(tmp_path):
     assert set(results(run)["metrics"]) == {"accuracy", "f1"}
 
 
+def test_quickstart_recipe_in_bf16_with_activation_checkpointing(tmp_path):
+    run = tmp_path / "qs"
+    overrides = ["train.device=cpu", "train.dtype=bf16", "train.gradient_checkpointing=true"]
+    assert run_cli("train", RECIPES / "quickstart.yaml", f"output_dir={run}", *QUICK, *overrides) == 0
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert (manifest["dtype"], manifest["gradient_checkpointing"]) == ("bf16", True)
+    assert run_cli("export-delta", run, "-o", tmp_path / "delta") == 0
+    assert run_cli("apply-delta", tmp_path / "delta", "-o", tmp_path / "merged") == 0
+
+
 @needs_shared
 @pytest.mark.parametrize("method", ["full", "lora", "sift", "ist", "zeroing"])
 def test_sst2_recipes_on_real_glue(tmp_path, method):

@@ -99,9 +99,10 @@ class _SparseGradLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = dy2.to(weight.dtype) @ weight
-            if not ctx.exact and ctx.has_w:
-                delta = _csr(layer.w_crow, layer.w_col, layer.scale * w_values.detach(), tuple(weight.shape))
-                grad_x = grad_x.float() + dy2.float() @ delta
+            if not ctx.exact and ctx.has_w:  # ΔW's share: dy ΔW = (ΔW^T dy^T)^T, a CSR product as in the forward
+                t_crow, t_col, order = layer.transposed_pattern()
+                delta_t = _csr(t_crow, t_col, layer.scale * w_values.detach()[order], (weight.shape[1], weight.shape[0]))
+                grad_x = grad_x.float() + torch.sparse.mm(delta_t, dy2.float().t()).t()
             grad_x = grad_x.to(ctx.x_dtype).view(*dy.shape[:-1], weight.shape[1])
         if ctx.has_w and ctx.needs_input_grad[3]:  # IST leaves undrawn blocks' increments without gradient
             inc = layer.weight_inc
@@ -152,6 +153,17 @@ class SiftLinear(nn.Module):
         index = torch.int32 if w_idx.numel() < 2**31 else torch.long  # the CSR pattern of the selected entries
         self.register_buffer("w_crow", crow.to(index), persistent=False)
         self.register_buffer("w_col", (w_idx % in_features).to(index), persistent=False)
+
+    def transposed_pattern(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CSR pattern of ΔW^T and the order of `values` in it; built on first use (low-precision bases only)."""
+        if getattr(self, "_transposed", None) is None or self._transposed[0].device != self.w_col.device:
+            rows_, cols_ = self.base_layer.weight.shape
+            idx = self.weight_inc.idx
+            order = torch.argsort((idx % cols_) * rows_ + idx // cols_)
+            crow = torch.zeros(cols_ + 1, dtype=torch.long, device=idx.device)
+            crow[1:] = torch.bincount(idx % cols_, minlength=cols_).cumsum(0)
+            self._transposed = (crow.to(self.w_col.dtype), (idx // cols_)[order].to(self.w_col.dtype), order)
+        return self._transposed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer, w, b = self.base_layer, self.weight_inc, self.bias_inc
