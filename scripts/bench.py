@@ -63,7 +63,6 @@ def _train_settings(args: argparse.Namespace) -> dict:
 
 def _load(args: argparse.Namespace):
     """(LoadedModel, causal): the pretrained --model, or a --config model with random weights."""
-    import torch
     from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -74,7 +73,6 @@ def _load(args: argparse.Namespace):
         return LoadedModel(model, SimpleNamespace(pad_token_id=0), frozenset(n for n, _ in model.named_parameters())), True
     architecture = (AutoConfig.from_pretrained(resolve(args.model)).architectures or [""])[0]
     causal = architecture in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()  # else: a classifier, as for GLUE
-    torch.manual_seed(0)
     return load_model(args.model, HeadSpec("causal-lm") if causal else HeadSpec("sequence-classification", 2)), causal
 
 
@@ -170,7 +168,6 @@ def run_child(args: argparse.Namespace) -> dict:
     placement = Placement.from_config(SimpleNamespace(**_train_settings(args)))
     model, params, before_step, after_step, batch = _setup(args, method)
     placement.place(model)
-    params = [p for p in params if p.requires_grad]
     batch = placement.batch(batch)
     optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
     scaler = placement.grad_scaler()
@@ -216,7 +213,7 @@ def crossover(args: argparse.Namespace) -> list[dict]:
     import torch
 
     from sparsetune.device import Placement
-    from sparsetune.sparse.increments import sampled_weight_grad
+    from sparsetune.sparse.increments import csr_pattern, sampled_weight_grad
 
     placement = Placement.from_config(SimpleNamespace(**_train_settings(args)))
     device, dtype = placement.device, placement.dtype
@@ -229,9 +226,7 @@ def crossover(args: argparse.Namespace) -> list[dict]:
             for density in CROSSOVER_DENSITIES:
                 k = max(1, round(density * out_f * in_f))
                 idx = torch.randperm(out_f * in_f, generator=gen)[:k].sort().values.to(device)
-                crow = torch.zeros(out_f + 1, dtype=torch.long, device=device)
-                crow[1:] = torch.bincount(idx // in_f, minlength=out_f).cumsum(0)
-                crow, col = crow.int(), (idx % in_f).int()
+                crow, col = csr_pattern(idx // in_f, idx % in_f, out_f)
                 timed = {}
                 for name, fn in (("indexed", lambda: sampled_weight_grad(dy, x, crow, col)),
                                  ("dense", lambda: (dy.t() @ x).view(-1)[idx].float())):

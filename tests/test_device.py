@@ -124,7 +124,7 @@ def test_every_method_trains_in_bf16_through_the_cli(bert_recipe, tmp_path, meth
     assert manifest["stages"]["train"]["dtype"] == "bf16"
     trained = load_file(str(run / "final/trainable.safetensors"))
     assert trained and all(t.dtype == torch.float32 for t in trained.values())  # trainables stay fp32
-    assert all(torch.isfinite(torch.tensor(v)) for v in losses(run))
+    assert len(losses(run)) == 4 and all(torch.isfinite(torch.tensor(v)) for v in losses(run))
     session = restore(RunDir(run), with_data=False)
     frozen = [p for p in session.model.parameters() if not p.requires_grad and p.ndim >= 2]
     assert all(p.dtype == torch.bfloat16 for p in frozen) and (frozen or method == "full")
@@ -137,7 +137,7 @@ def test_fp16_trains_with_a_loss_scaler(bert_recipe, tmp_path, method):
     assert run_cli("train", bert_recipe(METHOD_SETTINGS[method], device="cpu", dtype="fp16", save_every=2)) == 0
     state = torch.load(run / "checkpoints/step-2/state.pt", weights_only=True)
     assert state["scaler"]["scale"] > 0  # the scaler's state is checkpointed for resume
-    assert all(torch.isfinite(torch.tensor(v)) for v in losses(run))
+    assert len(losses(run)) == 4 and all(torch.isfinite(torch.tensor(v)) for v in losses(run))
 
 
 def test_bf16_loss_curve_tracks_fp32(bert_recipe, tmp_path):

@@ -25,8 +25,6 @@ from torch.nn import functional as F
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
-GRAD_MODES = ("auto", "indexed", "dense")
-
 # grad: auto, per device type: rows (tokens up to, tensor entries at least, indexed below this density), read off
 # `python scripts/bench.py --crossover` (docs/BENCH.md, "The crossover"): the first row whose token and size bounds
 # hold decides; none holding means dense. The SDDMM's cost grows with tokens x (rows + cols) besides k x tokens, so
@@ -51,6 +49,14 @@ def use_indexed(mode: str, k: int, numel: int, tokens: int, device_type: str) ->
         if tokens <= max_tokens and numel >= min_numel:
             return k / numel < density
     return False
+
+
+def csr_pattern(rows: torch.Tensor, cols: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(crow, col) of the CSR pattern holding entries (rows[j], cols[j]), given in row-major order."""
+    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=rows.device)
+    crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
+    index = torch.int32 if rows.numel() < 2**31 else torch.long
+    return crow.to(index), cols.to(index)
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -148,21 +154,17 @@ class SiftLinear(nn.Module):
         device = base_layer.weight.device
         w_idx = self.weight_inc.idx if self.weight_inc is not None else torch.empty(0, dtype=torch.long, device=device)
         rows_, in_features = base_layer.weight.shape
-        crow = torch.zeros(rows_ + 1, dtype=torch.long, device=device)
-        crow[1:] = torch.bincount(w_idx // in_features, minlength=rows_).cumsum(0)
-        index = torch.int32 if w_idx.numel() < 2**31 else torch.long  # the CSR pattern of the selected entries
-        self.register_buffer("w_crow", crow.to(index), persistent=False)
-        self.register_buffer("w_col", (w_idx % in_features).to(index), persistent=False)
+        crow, col = csr_pattern(w_idx // in_features, w_idx % in_features, rows_)  # the selected entries, as CSR
+        self.register_buffer("w_crow", crow, persistent=False)
+        self.register_buffer("w_col", col, persistent=False)
 
     def transposed_pattern(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """CSR pattern of ΔW^T and the order of `values` in it; built on first use (low-precision bases only)."""
         if getattr(self, "_transposed", None) is None or self._transposed[0].device != self.w_col.device:
             rows_, cols_ = self.base_layer.weight.shape
             idx = self.weight_inc.idx
-            order = torch.argsort((idx % cols_) * rows_ + idx // cols_)
-            crow = torch.zeros(cols_ + 1, dtype=torch.long, device=idx.device)
-            crow[1:] = torch.bincount(idx % cols_, minlength=cols_).cumsum(0)
-            self._transposed = (crow.to(self.w_col.dtype), (idx // cols_)[order].to(self.w_col.dtype), order)
+            order = torch.argsort((idx % cols_) * rows_ + idx // cols_)  # column-major: ΔW^T's row-major order
+            self._transposed = (*csr_pattern((idx % cols_)[order], (idx // cols_)[order], cols_), order)
         return self._transposed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
