@@ -9,8 +9,12 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
 from sparsetune.console import log, out
+from sparsetune.distributed import EXIT_PEER, claim_failure, init, main_rank_prints, shutdown, world
 from sparsetune.errors import UserError, unknown
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
@@ -58,6 +62,7 @@ def _run_stage(stage: str, recipe, run, force: bool, explicit: bool = True) -> N
     summary = getattr(session.method, stage)(session.loaded, session.data, run)
     run.record_stage(stage, fingerprint, summary=summary, wall_time_s=round(time.perf_counter() - started, 2),
                      **session.placement.record())
+    world().barrier()  # the other ranks read what rank 0 wrote
     log.print(f"{stage}: {summary}")
 
 
@@ -68,11 +73,21 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="continue from the newest complete checkpoint")] = False,
     force: Annotated[bool, typer.Option("--force", help="delete earlier training outputs and start over")] = False,
     stop_at_step: Annotated[Optional[int], typer.Option(help="checkpoint and stop after this step")] = None,
+    nproc: Annotated[Optional[int], typer.Option(help="train data-parallel on this many local processes (one per "
+                                                 "GPU, or CPU processes with gloo), as torchrun --nproc_per_node")] = None,
 ) -> None:
     """Run warm-up and selection when missing, train, then evaluate on the dev split(s)."""
+    from sparsetune.distributed import launch
     from sparsetune.train import train_run
 
     recipe, run = _load(recipe_path, overrides)
+    if nproc is not None:
+        if nproc < 1:
+            raise UserError(f"--nproc: expected a positive number of processes, got {nproc}")
+        if world().launched:
+            raise UserError("--nproc: this process was started by torchrun already; drop --nproc")
+        flags = ["--resume"] * resume + ["--force"] * force + (["--stop-at-step", str(stop_at_step)] if stop_at_step else [])
+        sys.exit(launch(nproc, ["train", str(recipe_path), *(overrides or []), *flags]))
     if run.has_training_outputs():
         if force:
             run.clear_training_outputs()
@@ -83,6 +98,7 @@ def train(
     for stage in ("warmup", "select"):
         _run_stage(stage, recipe, run, force=force, explicit=False)
     results = train_run(recipe, run, log, resume, stop_at_step)
+    world().barrier()  # every rank ends once rank 0 has written final/ and eval/
     if results:
         _print_results(results, run)
 
@@ -225,13 +241,45 @@ def recipes_cp(name: Annotated[str, typer.Argument(help="e.g. glue/sst2-full")],
     out.print(f"wrote {target}")
 
 
+DISTRIBUTED_COMMANDS = ("train", "warmup", "select", "eval")  # what runs under torchrun with several ranks
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The entry point. Under torchrun every rank runs it; the first rank that fails prints one error line, the
+    others stop quietly (exit code 3), and rank 0 alone prints the rest."""
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices are not for users
+    args = sys.argv[1:] if argv is None else argv
+    ranks = init()
     try:
-        app(args=argv, prog_name="sparsetune")
+        with main_rank_prints(log, out):
+            if ranks.size > 1 and args and args[0] not in DISTRIBUTED_COMMANDS:
+                raise UserError(f"`sparsetune {args[0]}` runs on one process; start it without torchrun")
+            code = app(args=args, prog_name="sparsetune", standalone_mode=False)  # errors come here, to report once
     except UserError as exc:
-        log.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        log.print("interrupted; continue with --resume", markup=False)
-        sys.exit(130)
+        _fail(f"error: {exc}", 2, exc)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        _fail("interrupted; continue with --resume", 130)
+    except click.ClickException as exc:  # usage errors, in click's words
+        if not claim_failure():
+            sys.exit(EXIT_PEER)
+        exc.show()
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        if not ranks.launched:
+            raise
+        # a peer's failure surfaces here as a broken collective; it has reported, so this rank stays quiet
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _fail(f"error: rank {ranks.rank}: {type(exc).__name__}: {first}", 1, exc)
+    shutdown()
+    if isinstance(code, int) and code:  # --help and the like
+        sys.exit(code)
+
+
+def _fail(message: str, code: int, exc: BaseException | None = None) -> None:
+    """Print `message` and exit with `code` if this rank is the first to fail; otherwise exit quietly."""
+    if not claim_failure():
+        sys.exit(EXIT_PEER)
+    log.print(message, markup=False, highlight=False, soft_wrap=True)
+    if exc is not None and world().launched:  # torchrun's own report names the root cause
+        ErrorHandler().record_exception(exc)
+    sys.exit(code)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from sparsetune.distributed import world
 from sparsetune.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -25,7 +26,9 @@ DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto`: CUDA when available, else MPS, else the CPU; an explicit device must exist."""
+    """`auto`: CUDA when available, else MPS, else the CPU; an explicit device must exist. Under torchrun,
+    `auto` and `cuda` mean this rank's own GPU (cuda:LOCAL_RANK)."""
+    ranks = world()
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
@@ -41,6 +44,9 @@ def resolve_device(name: str) -> torch.device:
             build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
             raise UserError(f"train.device: '{name}' asked for, but torch {torch.__version__} ({build}) sees no "
                             "CUDA device; use train.device=cpu or auto")
+        if device.index is not None and ranks.size > 1:
+            raise UserError(f"train.device: '{name}' would put all {ranks.size} ranks on one GPU; use cuda or auto, "
+                            "which give each rank its own (cuda:LOCAL_RANK)")
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index >= torch.cuda.device_count():
             raise UserError(f"train.device: '{name}' asked for, but only {torch.cuda.device_count()} CUDA "

@@ -1,4 +1,8 @@
-"""Evaluation: official metrics on each dev split, per-example predictions, generations for instructions."""
+"""Evaluation: official metrics on each dev split, per-example predictions, generations for instructions.
+
+Under torchrun each rank scores its strided shard of a split and the results are gathered, so every rank gets
+the metrics of the whole split (those of one process, up to padding's rounding); generations come from rank 0.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +16,12 @@ from sparsetune.data import Split, TaskData, TaskSpec, collate
 from sparsetune.data.instruct import prompt_text
 from sparsetune.data.metrics import compute_metrics
 from sparsetune.device import Placement
+from sparsetune.distributed import world
 
 
-def _batches(split: Split, batch_size: int, pad_id: int, placement: Placement):
-    for start in range(0, len(split.features), batch_size):
-        yield placement.batch(collate(split.features[start : start + batch_size], pad_id))
+def _batches(features: list[dict], batch_size: int, pad_id: int, placement: Placement):
+    for start in range(0, len(features), batch_size):
+        yield placement.batch(collate(features[start : start + batch_size], pad_id))
 
 
 @torch.no_grad()
@@ -25,22 +30,28 @@ def evaluate_split(model: nn.Module, split: Split, spec: TaskSpec, tokenizer, ba
     """(metrics, prediction rows) for one split; instruction data gives token-weighted loss and perplexity."""
     was_training = model.training
     model.eval()
+    ranks = world()
+    mine = split.features[ranks.rank :: ranks.size]
     try:
         if spec.kind == "instruct":
-            total, tokens = 0.0, 0
-            for batch in _batches(split, batch_size, tokenizer.pad_token_id, placement):
+            sums = torch.zeros(2, dtype=torch.float64)  # loss x target tokens, target tokens
+            for batch in _batches(mine, batch_size, tokenizer.pad_token_id, placement):
                 n = int((batch["labels"][:, 1:] != -100).sum())  # the model shifts labels by one
                 with placement.autocast():
-                    total += float(model(**batch).loss) * n
-                tokens += n
+                    sums[0] += float(model(**batch).loss) * n
+                sums[1] += n
+            total, tokens = ranks.all_reduce_(sums).tolist()
             loss = total / tokens
             return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}, []
-        predictions: list = []
-        for batch in _batches(split, batch_size, tokenizer.pad_token_id, placement):
+        local: list = []
+        for batch in _batches(mine, batch_size, tokenizer.pad_token_id, placement):
             batch.pop("labels")
             with placement.autocast():
                 logits = model(**batch).logits.float()
-            predictions += logits.squeeze(-1).tolist() if spec.kind == "regression" else logits.argmax(-1).tolist()
+            local += logits.squeeze(-1).tolist() if spec.kind == "regression" else logits.argmax(-1).tolist()
+        predictions: list = [None] * len(split.features)
+        for rank, shard in enumerate(ranks.all_gather(local)):
+            predictions[rank :: ranks.size] = shard
         labels = [e.label for e in split.examples]
         rows = [asdict(e) | {"index": i, "prediction": p} for i, (e, p) in enumerate(zip(split.examples, predictions))]
         return compute_metrics(spec.metrics, predictions, labels), rows
@@ -77,7 +88,7 @@ def evaluate(model: nn.Module, data: TaskData, tokenizer, batch_size: int, place
         suffix = "" if i == 0 else f"_{split.name}"
         metrics |= {f"{k}{suffix}": v for k, v in split_metrics.items()}
         rows += [{"split": split.name} | r for r in split_rows]
-    if data.spec.kind == "instruct" and generations:
+    if data.spec.kind == "instruct" and generations and world().is_main:
         generated = generate(model, data.evals[0], tokenizer, generations, max_new_tokens, placement)
         rows += [{"split": data.evals[0].name} | r for r in generated]
     return metrics, rows

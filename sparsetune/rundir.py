@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from safetensors.torch import save_file
 
 from sparsetune import __version__
+from sparsetune.distributed import world
 from sparsetune.errors import UserError
 from sparsetune.recipe import Recipe, build_recipe
 
@@ -66,10 +68,15 @@ def read_json(path: Path) -> Any:
 
 
 class RunDir:
-    """One run's folder. Stages read what earlier stages wrote, checked by recipe fingerprints."""
+    """One run's folder. Stages read what earlier stages wrote, checked by recipe fingerprints.
 
-    def __init__(self, root: Path | str):
+    Under torchrun only rank 0 is its `writer`: on the other ranks every write below does nothing, and they read
+    what rank 0 wrote after a barrier (`open` and each stage end with one).
+    """
+
+    def __init__(self, root: Path | str, writer: bool | None = None):
         self.root = Path(root)
+        self.writer = world().is_main if writer is None else writer
 
     recipe_path = property(lambda self: self.root / "recipe.yaml")
     manifest_path = property(lambda self: self.root / "manifest.json")
@@ -98,19 +105,34 @@ class RunDir:
         if self.has_training_outputs() and (changed := self.changed_keys(recipe)):
             raise UserError(f"output_dir '{self.root}' holds a training run of another recipe: the recipe changed "
                             f"({', '.join(changed)}); use another output_dir, or train --force to start over")
-        self.root.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.recipe_path) as tmp:
-            tmp.write_text(recipe.to_yaml())
-        manifest = self.manifest()
-        manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        manifest.update(seed=recipe.seed, versions=package_versions(), recipe_fingerprint=recipe.fingerprint())
-        manifest.setdefault("stages", {})
-        write_json(self.manifest_path, manifest)
+        if self.writer:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.recipe_path) as tmp:
+                tmp.write_text(recipe.to_yaml())
+            manifest = self.manifest()
+            manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            manifest.update(seed=recipe.seed, versions=package_versions(), recipe_fingerprint=recipe.fingerprint())
+            manifest.setdefault("stages", {})
+            write_json(self.manifest_path, manifest)
+        world().barrier()
 
     def update_manifest(self, **entries: Any) -> None:
-        write_json(self.manifest_path, self.manifest() | entries)
+        if self.writer:
+            write_json(self.manifest_path, self.manifest() | entries)
+
+    def save_tensors(self, relative: str, tensors: dict) -> None:
+        """Write a safetensors file under the run (atomically; CPU tensors)."""
+        if self.writer:
+            with atomic_path(self.root / relative) as tmp:
+                save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(tmp))
+
+    def save_json(self, relative: str, data: Any) -> None:
+        if self.writer:
+            write_json(self.root / relative, data)
 
     def record_stage(self, stage: str, fingerprint: str, **info: Any) -> None:
+        if not self.writer:
+            return
         manifest = self.manifest()
         manifest.setdefault("stages", {})[stage] = {"fingerprint": fingerprint, **info}
         write_json(self.manifest_path, manifest)
@@ -145,6 +167,8 @@ class RunDir:
         return any((self.root / name).exists() for name in TRAIN_OUTPUTS)
 
     def clear_training_outputs(self) -> None:
+        if not self.writer:
+            return
         for name in TRAIN_OUTPUTS:
             _remove(self.root / name)
         manifest = self.manifest()
@@ -162,16 +186,20 @@ class RunDir:
         return self.checkpoints / f"step-{step}"
 
     def prune_checkpoints(self, keep: int) -> None:
+        if not self.writer:
+            return
         for step in self.checkpoint_steps()[:-keep]:
             _remove(self.checkpoint(step))
 
     def append_metrics(self, row: dict) -> None:
+        if not self.writer:
+            return
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
 
     def truncate_metrics(self, step: int) -> None:
         """Drop rows logged after `step`, so a resumed run does not log them twice."""
-        if not self.metrics_path.is_file():
+        if not self.writer or not self.metrics_path.is_file():
             return
         rows = [line for line in self.metrics_path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
         with atomic_path(self.metrics_path) as tmp:

@@ -1,5 +1,6 @@
 """The one training loop every method uses: AdamW, linear warm-up/decay, accumulation, clipping,
-periodic evaluation, atomic checkpoints and exact resume."""
+periodic evaluation, atomic checkpoints and exact resume, on one process or data-parallel under torchrun
+(global batch = batch_size x grad_accum x world size; the schedule counts optimizer steps of that batch)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sparsetune.data import TaskData, collate, load_task, task_spec
+from sparsetune.data import TaskData, load_task, loss_items, task_spec
 from sparsetune.device import Placement, peak_rss_bytes, to_cpu
+from sparsetune.distributed import bytes_all_reduced, data_parallel, local_batch, no_sync, world
 from sparsetune.errors import UserError
 from sparsetune.evaluate import evaluate
 from sparsetune.methods import method_class
@@ -101,6 +103,8 @@ class Trainer:
         cfg = session.recipe.train
         self.cfg = cfg
         self.placement = session.placement
+        self.world = world()
+        self.module = data_parallel(session.model, self.placement.device, session.method.partial_gradients)
         self.scaler = self.placement.grad_scaler()  # fp16 only; a no-op otherwise
         self.groups = session.method.param_groups(session.model, cfg.weight_decay)
         self.params = [p for g in self.groups for p in g["params"]]
@@ -108,7 +112,8 @@ class Trainer:
             raise UserError(f"method '{session.method.name}' left nothing to train")
         self.optimizer = torch.optim.AdamW(self.groups, lr=cfg.lr)
         n = len(session.data.train.features)
-        self.micro_per_epoch = math.ceil(n / cfg.batch_size)
+        self.micro_batch = cfg.batch_size * self.world.size  # examples per micro-batch over all ranks
+        self.micro_per_epoch = math.ceil(n / self.micro_batch)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.grad_accum)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         warmup = round(cfg.warmup_ratio * self.total_steps)
@@ -117,58 +122,72 @@ class Trainer:
 
     # --- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        """Rank 0 writes; the random states of every rank (dropout draws differ with their shards) go with it."""
+        rng = self.world.all_gather(torch.get_rng_state())
+        cuda = self.placement.device.type == "cuda"
+        cuda_rng = self.world.all_gather(torch.cuda.get_rng_state(self.placement.device)) if cuda else None
+        if not self.run.writer:
+            return
         with atomic_path(self.run.checkpoint(self.step)) as tmp:
             tmp.mkdir()
             save_file(self.s.method.trainable_state(self.s.model), str(tmp / TRAINABLE_FILE))
             if method_state := self.s.method.method_state():
                 save_file(method_state, str(tmp / METHOD_STATE_FILE))
             state = {"optimizer": to_cpu(self.optimizer.state_dict()), "scheduler": self.scheduler.state_dict(),
-                     "rng": torch.get_rng_state(), "scaler": self.scaler.state_dict()}
-            if self.placement.device.type == "cuda":
-                state["cuda_rng"] = torch.cuda.get_rng_state(self.placement.device)
+                     "rng": rng, "scaler": self.scaler.state_dict()}
+            if cuda:
+                state["cuda_rng"] = cuda_rng
             torch.save(state, tmp / "state.pt")
             write_json(tmp / "trainer.json", {"step": self.step, "micro_batches": self.consumed,
+                                              "world_size": self.world.size,
                                               "recipe_fingerprint": self.s.recipe.fingerprint()})
         self.run.prune_checkpoints(self.cfg.keep_checkpoints)
 
     def load_checkpoint(self, folder: Path) -> None:
+        info = read_json(folder / "trainer.json")
+        if (saved := info.get("world_size", 1)) != self.world.size:
+            launch = "one process" if saved == 1 else f"--nproc {saved} (or torchrun --nproc_per_node {saved})"
+            raise UserError(f"{folder}: written by a run on {saved} process(es), resumed on {self.world.size}; the "
+                            f"global batch would change: resume with {launch}, or train --force to start over")
         self.s.method.load_trainable_state(self.s.model, load_file(str(folder / TRAINABLE_FILE)))
         if (folder / METHOD_STATE_FILE).is_file():
             self.s.method.load_method_state(load_file(str(folder / METHOD_STATE_FILE)))
         state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
         self.optimizer.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(_rank_state(state["rng"], self.world.rank))
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if "cuda_rng" in state and self.placement.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.placement.device)
-        info = read_json(folder / "trainer.json")
+            torch.cuda.set_rng_state(_rank_state(state["cuda_rng"], self.world.rank), self.placement.device)
         self.step, self.consumed = info["step"], info["micro_batches"]
 
     # --- the loop -----------------------------------------------------------------------------
     def train(self, stop_at_step: int | None = None) -> bool:
         """Train to the end (returns True) or until `stop_at_step` (checkpointed; returns False)."""
-        s, cfg, run, placement = self.s, self.cfg, self.run, self.placement
+        s, cfg, run, placement, ranks = self.s, self.cfg, self.run, self.placement, self.world
         pad_id = s.loaded.tokenizer.pad_token_id
         features = s.data.train.features
-        stream = _micro_batches(len(features), cfg.batch_size, s.recipe.seed, self.consumed)
+        stream = _micro_batches(len(features), self.micro_batch, s.recipe.seed, self.consumed)
         s.model.train()
-        started, window_losses, window_steps, window_examples = time.perf_counter(), [], 0, 0
+        window_loss = torch.zeros((), device=placement.device)  # read at log time: no device sync per micro-batch
+        started, window_steps, window_examples = time.perf_counter(), 0, 0
         window_start = started
         with self._progress() as progress:
             task = progress.add_task("train", total=self.total_steps, completed=self.step, status="")
             while self.step < self.total_steps:
                 if info := s.method.before_step(s.model, self.step, features, pad_id):
                     run.append_metrics({"step": self.step + 1, **info})
-                for _ in range(cfg.grad_accum):
-                    idx = next(stream)
-                    self.consumed += 1
-                    batch = placement.batch(collate([features[i] for i in idx], pad_id))
-                    with placement.autocast():
-                        loss = s.model(**batch).loss / cfg.grad_accum
-                    self.scaler.scale(loss).backward()
-                    window_losses.append(loss.detach())  # read at log time: no device sync per micro-batch
+                micro = [next(stream) for _ in range(cfg.grad_accum)]
+                self.consumed += cfg.grad_accum
+                items = loss_items([features[i] for idx in micro for i in idx])  # the step's loss averages these
+                for i, idx in enumerate(micro):
+                    batch, share = local_batch(features, idx, pad_id, items)
+                    with no_sync(self.module, i == len(micro) - 1):  # all-reduce once per optimizer step
+                        with placement.autocast():
+                            loss = self.module(**placement.batch(batch)).loss * share
+                        self.scaler.scale(loss * ranks.size).backward()  # DDP averages over the ranks
+                    window_loss += loss.detach()
                     window_examples += len(idx)
                 grad_norm = None
                 if cfg.max_grad_norm:
@@ -186,7 +205,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or last:
                     now = time.perf_counter()
                     row = {"step": self.step, "epoch": round(self.consumed / self.micro_per_epoch, 4),
-                           "loss": sum(float(v) for v in window_losses) / window_steps, "lr": lr,
+                           "loss": float(ranks.all_reduce_(window_loss)) / window_steps, "lr": lr,
                            "grad_norm": None if grad_norm is None else float(grad_norm),
                            "examples_per_s": window_examples / (now - window_start), "elapsed_s": now - started}
                     run.append_metrics(row)
@@ -195,7 +214,7 @@ class Trainer:
                     progress.update(task, status=status)
                     if not self.console.is_terminal:
                         self.console.print(f"step {self.step}/{self.total_steps} {status}")
-                    window_losses, window_steps, window_examples, window_start = [], 0, 0, now
+                    window_loss, window_steps, window_examples, window_start = torch.zeros_like(window_loss), 0, 0, now
                 progress.update(task, completed=self.step)
                 if self._due(cfg.eval_every) and not last:
                     metrics, _ = evaluate(s.model, s.data, s.loaded.tokenizer, cfg.eval_batch_size, placement, splits=1)
@@ -217,11 +236,18 @@ class Trainer:
         )
 
     def save_final(self) -> None:
+        if not self.run.writer:
+            return
         with atomic_path(self.run.final) as tmp:
             tmp.mkdir()
             save_file(self.s.method.trainable_state(self.s.model), str(tmp / TRAINABLE_FILE))
             write_json(tmp / "final.json", {"step": self.step, "method": self.s.method.name,
                                             "recipe_fingerprint": self.s.recipe.fingerprint()})
+
+
+def _rank_state(saved: torch.Tensor | list[torch.Tensor], rank: int) -> torch.Tensor:
+    """This rank's random state from a checkpoint (one per rank; a single tensor from before there were ranks)."""
+    return saved if isinstance(saved, torch.Tensor) else saved[rank]
 
 
 def _fmt(metrics: dict) -> str:
@@ -236,9 +262,10 @@ def write_eval(run: RunDir, session: Session, checkpoint: str) -> dict:
     results = {"task": r.task.name, "splits": [s.name for s in session.data.evals], "metrics": metrics,
                "checkpoint": checkpoint, "method": r.method.name, "model": r.model.name,
                "recipe_fingerprint": r.fingerprint(), "examples": {s.name: len(s.features) for s in session.data.evals}}
-    with atomic_path(run.eval_dir / "predictions.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    write_json(run.eval_dir / "results.json", results)
+    if run.writer:
+        with atomic_path(run.eval_dir / "predictions.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        write_json(run.eval_dir / "results.json", results)
     return results
 
 
@@ -249,9 +276,10 @@ def train_run(recipe: Recipe, run: RunDir, console: Console, resume: bool, stop_
         session = restore(run)
         return write_eval(run, session, "final")
     session = build(recipe, run)
-    placement = session.placement
-    run.update_manifest(**placement.record())
+    placement, ranks = session.placement, world()
     trainer = Trainer(session, run, console)
+    scale = {**ranks.record(), "global_batch_size": trainer.micro_batch * recipe.train.grad_accum}
+    run.update_manifest(**placement.record(), **scale)
     steps = run.checkpoint_steps()
     if resume and steps:
         trainer.load_checkpoint(run.checkpoint(steps[-1]))
@@ -261,12 +289,15 @@ def train_run(recipe: Recipe, run: RunDir, console: Console, resume: bool, stop_
         f"training {recipe.method.name} on {recipe.task.name}: {session.method.trainable_count(session.model):,} "
         f"trainable, {len(session.data.train.features):,} examples, {trainer.total_steps} steps, on "
         f"{placement.device} ({placement.device_name()}), base in {placement.dtype_name}"
+        + (f"; {ranks.size} ranks, global batch {scale['global_batch_size']}" if ranks.launched else "")
     )
     placement.reset_peak_memory()
     earlier = run.manifest().get("stages", {}).get("train", {}).get("wall_time_s", 0.0) if trainer.step else 0.0
-    started = time.perf_counter()
+    started, first_step = time.perf_counter(), trainer.step
     finished = trainer.train(stop_at_step)
     elapsed = earlier + time.perf_counter() - started
+    if (sent := bytes_all_reduced(trainer.module)) is not None and trainer.step > first_step:
+        scale["allreduce_bytes_per_step"] = round(sent / (trainer.step - first_step))
     if not finished:
         run.record_stage("train", recipe.fingerprint(), completed=False, step=trainer.step, wall_time_s=round(elapsed, 2))
         console.print(f"stopped at step {trainer.step}; continue with --resume")
@@ -274,8 +305,8 @@ def train_run(recipe: Recipe, run: RunDir, console: Console, resume: bool, stop_
     trainer.save_final()
     peaks = {"peak_rss_bytes": peak_rss_bytes(), "peak_device_memory_bytes": placement.peak_memory_bytes()}
     run.record_stage("train", recipe.fingerprint(), completed=True, step=trainer.step, wall_time_s=round(elapsed, 2),
-                     trainable=session.method.trainable_count(session.model), **placement.record(), **peaks)
-    run.update_manifest(**placement.record(), **peaks)
+                     trainable=session.method.trainable_count(session.model), **placement.record(), **scale, **peaks)
+    run.update_manifest(**placement.record(), **scale, **peaks)
     return write_eval(run, session, "final")
 
 

@@ -18,7 +18,7 @@ from sparsetune.methods.ist import Ist
 from sparsetune.models import HeadSpec, load_model
 from sparsetune.recipe import build_recipe
 
-from conftest import run_cli, text_batch, write_recipe
+from conftest import TEXTS, run_cli, text_batch, write_recipe
 
 LORA = {"name": "lora", "r": 4, "dropout": 0.0}
 SIFT = {"name": "sift", "budget": 0.1, "warmup_batches": 2}
@@ -76,7 +76,10 @@ def test_score_round_follows_the_formula(tmp_path, tiny_bert4):
     model.eval()
     with torch.no_grad():
         loss_before = model(**batch).loss
-    result = method.score_round(model, batch)
+    enc = loaded.tokenizer(TEXTS, truncation=True, max_length=16)
+    features = [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": i % 2}
+                for i in range(len(TEXTS))]
+    result = method.score_round(model, features, list(range(len(TEXTS))), loaded.tokenizer.pad_token_id)
 
     replay, probs, sets = torch.Generator(), torch.sigmoid(before), []
     replay.set_state(sampler)
@@ -192,5 +195,7 @@ def test_round_loss_in_chunks_equals_the_batch_loss(tmp_path, tiny_llama):
     for row, prompt in enumerate([3, 9, 1, 6, 10]):  # rows with very different numbers of target tokens
         labels[row, :prompt] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    features = [{k: v[row].tolist() for k, v in batch.items()} for row in range(5)]
     with torch.no_grad():
-        assert Ist(recipe)._loss(model, batch) == pytest.approx(float(model(**batch).loss), rel=1e-5)
+        chunked = Ist(recipe)._loss(model, features, [0, 1, 2, 3, 4], pad_id=0)
+        assert chunked == pytest.approx(float(model(**batch).loss), rel=1e-5)

@@ -118,7 +118,7 @@ def test_criticality_follows_its_definitions(tiny_bert4):
     assert groups["embeddings"] == ["bert.embeddings.word_embeddings.weight"]
     reference = copy.deepcopy(model)
 
-    scores = grad_norm_criticality(model, groups, batches, FP32_CPU)
+    scores = grad_norm_criticality(model, groups, [(b, 1.0) for b in batches], FP32_CPU)
     loss = sum(reference(**b).loss for b in batches) / 2
     params = dict(reference.named_parameters())
     for layer, names in groups.items():
@@ -127,7 +127,7 @@ def test_criticality_follows_its_definitions(tiny_bert4):
         weight = torch.cat([params[n].detach().reshape(-1) for n in names]).norm()
         assert scores[layer] == pytest.approx(float(norm / weight), rel=1e-4)
 
-    scores = delta_l1_criticality(model, groups, batches, 1e-3, FP32_CPU)
+    scores = delta_l1_criticality(model, groups, [(b, 1.0) for b in batches], 1e-3, FP32_CPU)
     tuned = copy.deepcopy(reference)
     optimizer = torch.optim.AdamW(tuned.parameters(), lr=1e-3, weight_decay=0.0)
     for b in batches:

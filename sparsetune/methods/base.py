@@ -16,8 +16,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from sparsetune import __version__
-from sparsetune.data import TaskData, collate, task_spec
+from sparsetune.data import TaskData, task_spec
 from sparsetune.device import Placement
+from sparsetune.distributed import local_batch, world
 from sparsetune.errors import UserError
 from sparsetune.models import HeadSpec, LoadedModel
 from sparsetune.recipe import MethodConfig, Recipe
@@ -32,6 +33,7 @@ class Method:
     Config: ClassVar[type[MethodConfig]]
     native_format: ClassVar[str] = "delta"  # what export-delta writes by default
     stages: ClassVar[tuple[str, ...]] = ()  # which of "warmup", "select" the method has
+    partial_gradients: ClassVar[bool] = False  # some trainable parameters sit out a step (DDP then looks for them)
 
     def __init__(self, recipe: Recipe, reported_as: Recipe | None = None):
         """`reported_as`: the recipe an exported delta names (IST runs a base method on its own sub-recipe)."""
@@ -43,7 +45,13 @@ class Method:
     # --- stages before training ---------------------------------------------------------------
     def stage_fingerprint(self, stage: str) -> str:
         """What a stage's output depends on; a later stage refuses the output when this changes."""
-        return self.recipe.fingerprint("seed", "model", "task", "method")
+        return self.fingerprint("seed", "model", "task", "method")
+
+    def fingerprint(self, *keys: str) -> str:
+        """The recipe's fingerprint of `keys`, and of the world size under torchrun: a stage's batches are
+        `batch_size x world size` examples, so its result depends on both."""
+        size = world().size
+        return self.recipe.fingerprint(*keys, **({"world_size": size} if size > 1 else {}))
 
     def warmup(self, loaded: LoadedModel, data: TaskData, run: RunDir) -> str | None:
         """Compute what selection needs; returns a summary, or None when the method has no warm-up."""
@@ -114,13 +122,14 @@ class Method:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, module)
 
-    def warmup_batches(self, data: TaskData, pad_id: int, count: int) -> Iterator[dict[str, torch.Tensor]]:
-        """`count` training batches in one seeded order (wrapping around), the same on every rerun of a stage."""
-        features, size = data.train.features, self.recipe.train.batch_size
+    def warmup_batches(self, data: TaskData, pad_id: int, count: int) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
+        """`count` global training batches (`batch_size x world size`) in one seeded order (wrapping around), the
+        same on every rerun of a stage: this rank's shard of each, placed, with its share of the batch's loss."""
+        features, size = data.train.features, self.recipe.train.batch_size * world().size
         order = torch.randperm(len(features), generator=torch.Generator().manual_seed(self.recipe.seed))
         for b in range(count):
-            batch = collate([features[i] for i in order[(b * size) % len(features):][:size].tolist()], pad_id)
-            yield self.placement.batch(batch)
+            batch, share = local_batch(features, order[(b * size) % len(features):][:size].tolist(), pad_id)
+            yield self.placement.batch(batch), share
 
     def method_state(self) -> dict[str, torch.Tensor]:
         """State the method keeps across steps besides trainable tensors (saved in checkpoints for exact resume)."""

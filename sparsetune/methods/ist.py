@@ -25,13 +25,13 @@ from typing import Annotated, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
 
 from sparsetune.console import progress
-from sparsetune.data import TaskData, collate
-from sparsetune.data.instruct import IGNORE_INDEX
+from sparsetune.data import TaskData, collate, loss_items
+from sparsetune.distributed import data_parallel, local_batch, world
 from sparsetune.errors import UserError
 from sparsetune.methods import method_class, register
 from sparsetune.methods.base import Method
@@ -39,7 +39,7 @@ from sparsetune.methods.lora import LoraConfig
 from sparsetune.methods.sift import SiftConfig
 from sparsetune.models import LoadedModel, find_blocks
 from sparsetune.recipe import MethodConfig, Recipe
-from sparsetune.rundir import RunDir, atomic_path, write_json
+from sparsetune.rundir import RunDir
 
 SCORES_FILE = "warmup/ist_scores.safetensors"
 
@@ -71,6 +71,7 @@ class Ist(Method):
     name: ClassVar[str] = "ist"
     Config = IstConfig
     stages: ClassVar[tuple[str, ...]] = ("warmup",)
+    partial_gradients: ClassVar[bool] = True  # undrawn blocks get no gradient
 
     def __init__(self, recipe: Recipe, reported_as: Recipe | None = None):
         super().__init__(recipe, reported_as)
@@ -107,12 +108,13 @@ class Ist(Method):
                 sets.append(chosen)
         return sets
 
-    def _batch(self, features: list[dict], pad_id: int, size: int) -> dict[str, torch.Tensor]:
-        idx = torch.randperm(len(features), generator=self.generator)[:size]
-        return self.placement.batch(collate([features[i] for i in idx.tolist()], pad_id))
+    def _draw(self, count: int, size: int) -> list[int]:
+        """`size` example indices from IST's own sampler (the same on every rank)."""
+        return torch.randperm(count, generator=self.generator)[:size].tolist()
 
-    def score_round(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict:
-        """One round of response suppression on `batch`; updates the scores and returns what it measured."""
+    def score_round(self, model: nn.Module, features: list[dict], indices: list[int], pad_id: int) -> dict:
+        """One round of response suppression on the examples `indices`; updates the scores and returns what it
+        measured."""
         probs = torch.sigmoid(self.scores)
         sets, losses = self._draw_suppressed(), []
         was_training = model.training
@@ -120,7 +122,7 @@ class Ist(Method):
         for chosen in sets:
             for i in chosen.tolist():
                 self.base.scale_updates(self.blocks[i], self.cfg.suppression)
-            losses.append(self._loss(model, batch))
+            losses.append(self._loss(model, features, indices, pad_id))
             for i in chosen.tolist():
                 self.base.scale_updates(self.blocks[i], 1.0)
         model.train(was_training)
@@ -132,22 +134,24 @@ class Ist(Method):
         return {"suppressed": [s.tolist() for s in sets], "losses": losses}
 
     @torch.inference_mode()
-    def _loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
-        """The batch's mean loss, computed in chunks of the training micro-batch so a round never needs more memory
-        than a training step; chunks are weighted by their examples (their target tokens for causal LMs)."""
-        size, total, weight = self.recipe.train.batch_size, 0.0, 0.0
-        for start in range(0, len(batch["input_ids"]), size):
-            chunk = {k: v[start : start + size] for k, v in batch.items()}
-            labels = chunk["labels"]
-            count = float((labels[:, 1:] != IGNORE_INDEX).sum()) if labels.ndim == 2 else float(len(labels))
+    def _loss(self, model: nn.Module, features: list[dict], indices: list[int], pad_id: int) -> float:
+        """The examples' mean loss, computed in chunks of the training micro-batch so a round never needs more
+        memory than a training step; chunks are weighted by their examples (their target tokens for causal LMs).
+        Under torchrun each rank computes its shard and the sums are all-reduced: every rank gets the same loss."""
+        mine, counts = world().shard(indices)
+        size, sums = self.recipe.train.batch_size, torch.zeros(2, dtype=torch.float64)
+        for start in range(0, len(mine) if counts else 0, size):
+            chunk = [features[i] for i in mine[start : start + size]]
+            count = loss_items(chunk)
             with self.placement.autocast():
-                total += float(model(**chunk).loss) * count
-            weight += count
+                sums[0] += float(model(**self.placement.batch(collate(chunk, pad_id))).loss) * count
+            sums[1] += count
+        total, weight = world().all_reduce_(sums).tolist()
         return total / weight
 
     # --- warm-up: initial scores --------------------------------------------------------------
     def stage_fingerprint(self, stage: str) -> str:
-        return self.recipe.fingerprint("seed", "model", "task.name", "task.data_dir", "task.data_file",
+        return self.fingerprint("seed", "model", "task.name", "task.data_dir", "task.data_file",
                                        "task.train_limit", "train.batch_size", "train.lr", "train.weight_decay",
                                        "train.max_grad_norm", "method.base", "method.suppress_fraction",
                                        "method.trials", "method.score_lr", "method.suppression",
@@ -161,28 +165,31 @@ class Ist(Method):
         self.generator = torch.Generator().manual_seed(self.recipe.seed + 1)  # not the training draws
         features, pad_id = data.train.features, loaded.tokenizer.pad_token_id
         self._train_all_blocks(model, features, pad_id)
-        rounds = [self.score_round(model, self._batch(features, pad_id, self.cfg.score_batch_size))
+        rounds = [self.score_round(model, features, self._draw(len(features), self.cfg.score_batch_size), pad_id)
                   for _ in progress(range(self.cfg.warmup_rounds), "IST warm-up: scoring rounds")]
-        with atomic_path(run.root / SCORES_FILE) as tmp:
-            save_file({"scores": self.scores}, str(tmp))
+        run.save_tensors(SCORES_FILE, {"scores": self.scores})
         importance = [round(v, 4) for v in self.importance().tolist()]
-        write_json(run.root / "warmup/ist.json", {"blocks": len(self.blocks), "update_per_step": self.n_update,
+        run.save_json("warmup/ist.json", {"blocks": len(self.blocks), "update_per_step": self.n_update,
                                                   "scores": self.scores.tolist(), "importance": importance,
                                                   "rounds": rounds})
         return (f"IST initial importance of {len(self.blocks)} blocks ({self.cfg.warmup_steps} warm-up steps, "
                 f"{len(rounds)} rounds): {importance}")
 
     def _train_all_blocks(self, model: nn.Module, features: list[dict], pad_id: int) -> None:
-        """A few plain steps of the base method on every block, so that suppressing its updates means something."""
+        """A few plain steps of the base method on every block, so that suppressing its updates means something
+        (data-parallel under torchrun, on global batches of `batch_size x world size`)."""
         train = self.recipe.train
         groups = self.base.param_groups(model, train.weight_decay)
         params = [p for group in groups for p in group["params"]]
         optimizer = torch.optim.AdamW(groups, lr=train.lr)
+        parallel = data_parallel(model, self.placement.device)
         model.train()
         for _ in progress(range(self.cfg.warmup_steps), "IST warm-up: all-block steps"):
+            indices = self._draw(len(features), train.batch_size * world().size)
+            batch, share = local_batch(features, indices, pad_id)
             with self.placement.autocast():
-                loss = model(**self._batch(features, pad_id, train.batch_size)).loss
-            loss.backward()
+                loss = parallel(**self.placement.batch(batch)).loss
+            (loss * share * world().size).backward()
             if train.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
             optimizer.step()
@@ -204,7 +211,8 @@ class Ist(Method):
         """Rescore every `score_every` steps, then draw the blocks this step updates; the others get no gradient."""
         info: dict = {}
         if step > 0 and step % self.cfg.score_every == 0:
-            info["losses"] = self.score_round(model, self._batch(features, pad_id, self.cfg.score_batch_size))["losses"]
+            indices = self._draw(len(features), self.cfg.score_batch_size)
+            info["losses"] = self.score_round(model, features, indices, pad_id)["losses"]
         if step == 0 or info:
             info["importance"] = self.importance().tolist()
         drawn = torch.multinomial(self.importance(), self.n_update, generator=self.generator).sort().values.tolist()

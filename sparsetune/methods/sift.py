@@ -17,20 +17,20 @@ from typing import ClassVar, Literal
 import torch
 from peft import ShiraConfig, TaskType, get_peft_model
 from pydantic import Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
 
 from sparsetune.console import progress
 from sparsetune.data import TaskData
-from sparsetune.device import to_cpu
+from sparsetune.distributed import world
 from sparsetune.errors import UserError
 from sparsetune.methods import register
 from sparsetune.methods.base import Method
 from sparsetune.models import LoadedModel, is_causal_lm, target_linears
 from sparsetune.peft_adapter import save_adapter
 from sparsetune.recipe import MethodConfig
-from sparsetune.rundir import RunDir, atomic_path, write_json
+from sparsetune.rundir import RunDir
 from sparsetune.sparse.delta import index_dtype
 from sparsetune.sparse.increments import SiftLinear
 
@@ -92,7 +92,7 @@ class Sift(Method):
                 "method.target", "method.bias", "method.score", "method.warmup_batches"]
         if stage == "select":
             keys += ["method.budget", "method.selection"]
-        return self.recipe.fingerprint(*keys)
+        return self.fingerprint(*keys)
 
     # --- warm-up: score every targeted entry --------------------------------------------------
     def warmup(self, loaded: LoadedModel, data: TaskData, run: RunDir) -> str:
@@ -104,14 +104,16 @@ class Sift(Method):
             scores = {n: torch.rand(p.shape, generator=generator) for n, p in targets.items()}
         else:
             scores = self._gradient_scores(model, targets, data, loaded.tokenizer.pad_token_id)
-        with atomic_path(run.root / SCORES_FILE) as tmp:
-            save_file({n: s.contiguous() for n, s in to_cpu(scores).items()}, str(tmp))
+        run.save_tensors(SCORES_FILE, scores)
         summary = {"score": self.cfg.score, "tensors": len(scores), "entries": sum(s.numel() for s in scores.values())}
-        write_json(run.root / "warmup/summary.json", summary)
+        run.save_json("warmup/summary.json", summary)
         return f"{self.cfg.score} scores for {summary['entries']:,} entries in {summary['tensors']} tensors"
 
     def _gradient_scores(self, model, targets, data: TaskData, pad_id: int) -> dict[str, torch.Tensor]:
-        """Sum of |dL/dW| over the first warm-up batches; each dense gradient is folded in and freed at once."""
+        """Sum of |dL/dW| over the first warm-up batches; each dense gradient is folded in and freed at once.
+
+        Under torchrun each gradient is summed over the ranks before its magnitude is taken, so the scores (and
+        the mask) are those of one process at the global batch, bit-identical on every rank."""
         scores = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in targets.items()}
         model.requires_grad_(False)
         handles = []
@@ -119,16 +121,16 @@ class Sift(Method):
             param.requires_grad_(True)
 
             def fold(p: torch.Tensor, score=scores[name]) -> None:
-                score.add_(p.grad.abs())
+                score.add_(world().all_reduce_(p.grad.float()).abs())
                 p.grad = None
 
             handles.append(param.register_post_accumulate_grad_hook(fold))
         model.train()
         batches = self.warmup_batches(data, pad_id, self.cfg.warmup_batches)
-        for batch in progress(batches, "SIFT warm-up: |gradient|", total=self.cfg.warmup_batches):
+        for batch, share in progress(batches, "SIFT warm-up: |gradient|", total=self.cfg.warmup_batches):
             with self.placement.autocast():
                 loss = model(**batch).loss
-            loss.backward()
+            (loss * share).backward()
         for handle in handles:
             handle.remove()
         model.requires_grad_(False)
@@ -148,12 +150,11 @@ class Sift(Method):
             counts = self._global_counts(scores, sum(counts.values()))
         mask = {n: scores[n].reshape(-1).topk(k).indices.sort().values.to(index_dtype(scores[n].numel()))
                 for n, k in counts.items() if k > 0}
-        with atomic_path(run.root / MASK_FILE) as tmp:
-            save_file(mask, str(tmp))
+        run.save_tensors(MASK_FILE, mask)
         report = {"selection": self.cfg.selection, "score": self.cfg.score, "budget": self.cfg.budget,
                   "total": sum(int(i.numel()) for i in mask.values()),
                   "per_tensor": {n: {"k": int(i.numel()), "numel": targets[n].numel()} for n, i in mask.items()}}
-        write_json(run.root / "mask/mask.json", report)
+        run.save_json("mask/mask.json", report)
         return f"{report['total']:,} entries selected in {len(mask)} tensors ({self.cfg.selection}, {self.cfg.score})"
 
     @staticmethod

@@ -22,12 +22,13 @@ from transformers import PreTrainedModel
 from sparsetune.console import progress
 from sparsetune.data import TaskData
 from sparsetune.device import Placement
+from sparsetune.distributed import data_parallel, world
 from sparsetune.errors import UserError
 from sparsetune.methods import register
 from sparsetune.methods.base import Method
 from sparsetune.models import LoadedModel, find_blocks, target_linears
 from sparsetune.recipe import MethodConfig
-from sparsetune.rundir import RunDir, read_json, write_json
+from sparsetune.rundir import RunDir, read_json
 from sparsetune.sparse.delta import index_dtype
 from sparsetune.sparse.mask import ZeroMaskLinear
 
@@ -65,7 +66,7 @@ class Zeroing(Method):
                 "method.criticality", "method.warmup_batches", "method.warmup_lr"]
         if stage == "select":
             keys += ["method.layers", "method.target"]
-        return self.recipe.fingerprint(*keys)
+        return self.fingerprint(*keys)
 
     # --- warm-up: layer criticality -----------------------------------------------------------
     @staticmethod
@@ -84,7 +85,7 @@ class Zeroing(Method):
             scores = grad_norm_criticality(model, groups, batches, self.placement)
         else:
             scores = delta_l1_criticality(model, groups, batches, self.cfg.warmup_lr, self.placement)
-        write_json(run.root / CRITICALITY_FILE, {"criticality": self.cfg.criticality, "scores": scores})
+        run.save_json(CRITICALITY_FILE, {"criticality": self.cfg.criticality, "scores": scores})
         ranked = sorted((k for k in scores if k != EMBEDDINGS), key=scores.get, reverse=True)
         return f"{self.cfg.criticality} criticality; blocks most to least critical: {', '.join(ranked)}"
 
@@ -100,7 +101,7 @@ class Zeroing(Method):
         count = self._layer_count(len(blocks))
         chosen = sorted(sorted(range(len(blocks)), key=lambda i: scores[str(i)], reverse=True)[:count])
         tensors = {f"{n}.weight": m.weight.numel() for n, m in target_linears(loaded.model, self.cfg.target, chosen).items()}
-        write_json(run.root / SELECTION_FILE, {"blocks": chosen, "tensors": tensors, "criticality": scores})
+        run.save_json(SELECTION_FILE, {"blocks": chosen, "tensors": tensors, "criticality": scores})
         return f"{count} of {len(blocks)} blocks selected: {chosen}"
 
     def _layer_count(self, total: int) -> int:
@@ -184,22 +185,22 @@ class Zeroing(Method):
         return tensors | {f"{n}.dense": p.detach() for n, p in head.items()}
 
 
-def grad_norm_criticality(model: nn.Module, groups: dict[str, list[str]], batches: list[dict],
+def grad_norm_criticality(model: nn.Module, groups: dict[str, list[str]], batches: list[tuple[dict, float]],
                           placement: Placement) -> dict[str, float]:
-    """Per layer: ||mean over batches of dL/dtheta||_2 / ||theta||_2."""
+    """Per layer: ||mean over batches of dL/dtheta||_2 / ||theta||_2 (the gradient summed over ranks first)."""
     params = dict(model.named_parameters())
     names = [n for group in groups.values() for n in group]
     model.requires_grad_(False)
     for name in names:
         params[name].requires_grad_(True)
     model.train()
-    for batch in progress(batches, "criticality: gradients"):
+    for batch, share in progress(batches, "criticality: gradients"):
         with placement.autocast():
-            loss = model(**batch).loss / len(batches)
+            loss = model(**batch).loss * share / len(batches)
         loss.backward()
     scores = {}
     for layer, group in groups.items():
-        grad = torch.cat([params[n].grad.reshape(-1).float() for n in group])
+        grad = world().all_reduce_(torch.cat([params[n].grad.reshape(-1).float() for n in group]))
         weight = torch.cat([params[n].detach().reshape(-1).float() for n in group])
         scores[layer] = float(grad.norm() / weight.norm())
     model.zero_grad(set_to_none=True)
@@ -207,18 +208,20 @@ def grad_norm_criticality(model: nn.Module, groups: dict[str, list[str]], batche
     return scores
 
 
-def delta_l1_criticality(model: nn.Module, groups: dict[str, list[str]], batches: list[dict],
+def delta_l1_criticality(model: nn.Module, groups: dict[str, list[str]], batches: list[tuple[dict, float]],
                          lr: float, placement: Placement) -> dict[str, float]:
     """Per layer: ||theta' - theta||_1 / ||theta||_1 after one dense AdamW step per batch on a copy of the model
-    (an fp32 copy: these are full fine-tuning steps, whose weights are fp32 whatever the base's storage)."""
+    (an fp32 copy: these are full fine-tuning steps, whose weights are fp32 whatever the base's storage; under
+    torchrun, data-parallel ones)."""
     tuned = copy.deepcopy(model).float()
     tuned.requires_grad_(True)
     optimizer = torch.optim.AdamW(tuned.parameters(), lr=lr, weight_decay=0.0)
     tuned.train()
-    for batch in progress(batches, "criticality: dense warm-up steps"):
+    parallel = data_parallel(tuned, placement.device)
+    for batch, share in progress(batches, "criticality: dense warm-up steps"):
         with placement.autocast():
-            loss = tuned(**batch).loss
-        loss.backward()
+            loss = parallel(**batch).loss
+        (loss * share * world().size).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     before, after = dict(model.named_parameters()), dict(tuned.named_parameters())
