@@ -9,8 +9,8 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
+from typer.exceptions import TyperException
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
 from sparsetune.console import log, out
@@ -61,7 +61,7 @@ def _run_stage(stage: str, recipe, run, force: bool, explicit: bool = True) -> N
     session = build(recipe, run, with_data=stage == "warmup", prepare=False)  # selection reads only scores
     summary = getattr(session.method, stage)(session.loaded, session.data, run)
     run.record_stage(stage, fingerprint, summary=summary, wall_time_s=round(time.perf_counter() - started, 2),
-                     **session.placement.record())
+                     **session.placement.record(), world_size=world().size)
     world().barrier()  # the other ranks read what rank 0 wrote
     log.print(f"{stage}: {summary}")
 
@@ -242,6 +242,7 @@ def recipes_cp(name: Annotated[str, typer.Argument(help="e.g. glue/sst2-full")],
 
 
 DISTRIBUTED_COMMANDS = ("train", "warmup", "select", "eval")  # what runs under torchrun with several ranks
+INTERRUPTED = "interrupted; continue with --resume"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -257,9 +258,9 @@ def main(argv: list[str] | None = None) -> None:
             code = app(args=args, prog_name="sparsetune", standalone_mode=False)  # errors come here, to report once
     except UserError as exc:
         _fail(f"error: {exc}", 2, exc)
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        _fail("interrupted; continue with --resume", 130)
-    except click.ClickException as exc:  # usage errors, in click's words
+    except typer.Abort:
+        _fail(INTERRUPTED, 130)
+    except TyperException as exc:  # usage errors, in click's words
         if not claim_failure():
             sys.exit(EXIT_PEER)
         exc.show()
@@ -270,8 +271,10 @@ def main(argv: list[str] | None = None) -> None:
         # a peer's failure surfaces here as a broken collective; it has reported, so this rank stays quiet
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         _fail(f"error: rank {ranks.rank}: {type(exc).__name__}: {first}", 1, exc)
+    if code == 130:  # typer's answer to Ctrl-C
+        _fail(INTERRUPTED, 130)
     shutdown()
-    if isinstance(code, int) and code:  # --help and the like
+    if isinstance(code, int) and code:
         sys.exit(code)
 
 
@@ -280,6 +283,6 @@ def _fail(message: str, code: int, exc: BaseException | None = None) -> None:
     if not claim_failure():
         sys.exit(EXIT_PEER)
     log.print(message, markup=False, highlight=False, soft_wrap=True)
-    if exc is not None and world().launched:  # torchrun's own report names the root cause
-        ErrorHandler().record_exception(exc)
+    if exc is not None and not isinstance(exc, UserError) and world().launched:
+        ErrorHandler().record_exception(exc)  # torchrun's report then carries the traceback
     sys.exit(code)

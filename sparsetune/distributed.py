@@ -135,48 +135,51 @@ def local_batch(features: list[dict], indices: list[int], pad_id: int,
 
 
 # --- DistributedDataParallel ------------------------------------------------------------------
-class AllReduceHook:
-    """A DDP communication hook: averages each gradient bucket over the ranks and counts the bytes it sends.
+@dataclass
+class AllReduceCount:
+    """State of `allreduce_hook` for one DDP model: whether it sends parameters that sit out a step, and the
+    gradient bytes it has sent."""
 
-    With `partial`, it sends only the slices of parameters that take part in this step (those that require a
+    partial: bool
+    bytes_sent: int = 0
+
+
+def allreduce_hook(state, bucket):  # no annotations: DDP checks them against the real types, not strings
+    """A DDP communication hook: averages a gradient bucket over the ranks and counts the bytes it sends.
+
+    With `state.partial`, it sends only the slices of parameters that take part in this step (those that require a
     gradient now: IST's drawn blocks, the same on every rank); the others keep no gradient.
     """
+    buffer, size = bucket.buffer(), dist.get_world_size()
+    slices, start = [], 0
+    for param in bucket.parameters():
+        if not state.partial or param.requires_grad:
+            slices.append((start, start + param.numel()))
+        start += param.numel()
+    if len(slices) == len(bucket.parameters()):  # the whole bucket
+        sent = buffer
+    elif slices:
+        sent = torch.cat([buffer[a:b] for a, b in slices])
+    else:
+        done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        done.set_result(buffer)
+        return done
+    state.bytes_sent += sent.numel() * sent.element_size()
+    sent.div_(size)
 
-    def __init__(self, partial: bool):
-        self.partial = partial
-        self.bytes_sent = 0
+    def scatter_back(fut: torch.futures.Future) -> torch.Tensor:
+        if sent is not buffer:
+            offset = 0
+            for a, b in slices:
+                buffer[a:b].copy_(sent[offset : offset + b - a])
+                offset += b - a
+        return buffer
 
-    def __call__(self, state, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        buffer, size = bucket.buffer(), dist.get_world_size()
-        slices, start = [], 0
-        for param in bucket.parameters():
-            if not self.partial or param.requires_grad:
-                slices.append((start, start + param.numel()))
-            start += param.numel()
-        if len(slices) == len(bucket.parameters()):  # the whole bucket
-            sent = buffer
-        elif slices:
-            sent = torch.cat([buffer[a:b] for a, b in slices])
-        else:
-            done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-            done.set_result(buffer)
-            return done
-        self.bytes_sent += sent.numel() * sent.element_size()
-        sent.div_(size)
-
-        def scatter_back(fut: torch.futures.Future) -> torch.Tensor:
-            if sent is not buffer:
-                offset = 0
-                for a, b in slices:
-                    buffer[a:b].copy_(sent[offset : offset + b - a])
-                    offset += b - a
-            return buffer
-
-        return dist.all_reduce(sent, async_op=True).get_future().then(scatter_back)
+    return dist.all_reduce(sent, async_op=True).get_future().then(scatter_back)
 
 
 def data_parallel(model: nn.Module, device: torch.device, partial: bool = False) -> nn.Module:
-    """`model` in DDP under torchrun (its gradients averaged over ranks through `AllReduceHook`), else itself.
+    """`model` in DDP under torchrun (its gradients averaged over ranks through `allreduce_hook`), else itself.
 
     `partial`: some trainable parameters get no gradient in a step (IST), so DDP looks for unused ones.
     Buffers are not broadcast each step: they are constants every rank already holds.
@@ -186,15 +189,15 @@ def data_parallel(model: nn.Module, device: torch.device, partial: bool = False)
     ddp = nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
         find_unused_parameters=partial)
-    ddp.allreduce_hook = AllReduceHook(partial)
-    ddp.register_comm_hook(None, ddp.allreduce_hook)
+    ddp.allreduce_count = AllReduceCount(partial)
+    ddp.register_comm_hook(ddp.allreduce_count, allreduce_hook)
     return ddp
 
 
 def bytes_all_reduced(model: nn.Module) -> int | None:
     """Gradient bytes a `data_parallel` model has sent so far (None on one process)."""
-    hook = getattr(model, "allreduce_hook", None)
-    return None if hook is None else hook.bytes_sent
+    count = getattr(model, "allreduce_count", None)
+    return None if count is None else count.bytes_sent
 
 
 def no_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:

@@ -143,6 +143,11 @@ class RunDir:
         if done is None:
             return False
         if done["fingerprint"] != fingerprint:
+            if (saved := done.get("world_size", 1)) != world().size:
+                raise UserError(
+                    f"{self.root}: the {stage} stage was computed on {saved} process(es), whose batches hold "
+                    f"batch_size x {saved} examples, and this run has {world().size}: launch it the same way "
+                    f"({'without --nproc' if saved == 1 else f'--nproc {saved}'}), or rerun with --force to recompute it")
             raise UserError(
                 f"{self.root}: the {stage} stage was computed for a different recipe "
                 f"(model, data or method changed); rerun with --force to recompute it"

@@ -28,10 +28,11 @@ def _copy_tokenizer(target: Path) -> None:
         shutil.copy(source / name, target / name)
 
 
-def _save_tiny_bert(folder: Path, seed: int, layers: int = 2) -> Path:
+def _save_tiny_bert(folder: Path, seed: int, layers: int = 2, dropout: float = 0.1) -> Path:
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)
     BertModel(config).save_pretrained(folder)
     _copy_tokenizer(folder)
     return folder

@@ -161,6 +161,7 @@ class Ist(Method):
         """The base method's own stages (SIFT: scores and mask), a short all-block warm-up, then scoring rounds."""
         for stage in self.base.stages:
             getattr(self.base, stage)(loaded, data, run)
+            world().barrier()  # the other ranks read what rank 0 wrote (SIFT's scores, then its mask)
         model = self.placement.place(self._wrap(loaded, run))  # the base's trainable state, fp32 on the device
         self.generator = torch.Generator().manual_seed(self.recipe.seed + 1)  # not the training draws
         features, pad_id = data.train.features, loaded.tokenizer.pad_token_id

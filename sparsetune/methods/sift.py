@@ -11,6 +11,7 @@ kept, and the indices are saved.
 from __future__ import annotations
 
 import copy
+import hashlib
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -36,6 +37,15 @@ from sparsetune.sparse.increments import SiftLinear
 
 SCORES_FILE = "warmup/scores.safetensors"
 MASK_FILE = "mask/mask.safetensors"
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A short hash of named tensors' values, to compare what the ranks computed."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 class SiftConfig(MethodConfig):
@@ -150,9 +160,12 @@ class Sift(Method):
             counts = self._global_counts(scores, sum(counts.values()))
         mask = {n: scores[n].reshape(-1).topk(k).indices.sort().values.to(index_dtype(scores[n].numel()))
                 for n, k in counts.items() if k > 0}
+        digests = world().all_gather(_digest(mask))  # every rank's own mask: one value when the ranks agree
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"the ranks selected different SIFT masks ({digests}); their warm-up scores differ")
         run.save_tensors(MASK_FILE, mask)
         report = {"selection": self.cfg.selection, "score": self.cfg.score, "budget": self.cfg.budget,
-                  "total": sum(int(i.numel()) for i in mask.values()),
+                  "total": sum(int(i.numel()) for i in mask.values()), "rank_digests": digests,
                   "per_tensor": {n: {"k": int(i.numel()), "numel": targets[n].numel()} for n, i in mask.items()}}
         run.save_json("mask/mask.json", report)
         return f"{report['total']:,} entries selected in {len(mask)} tensors ({self.cfg.selection}, {self.cfg.score})"
