@@ -9,6 +9,11 @@ loading through /proc/self/clear_refs, so loading transients do not count); on a
     python scripts/bench.py --model smollm2-135m --batch-size 1 --seq-len 128 --budget 0.008 --json bench.json
     python scripts/bench.py --device cuda --dtype bf16 --config llama-1b --batch-size 8 --seq-len 512
     python scripts/bench.py --crossover [--device cuda --dtype bf16]   # the measurements behind grad: auto
+    python scripts/bench.py --nproc 2 --model minilm-l6     # data-parallel: bytes all-reduced per optimizer step
+
+With --nproc N each method runs on N ranks under torchrun (gloo on CPUs, nccl on GPUs), each rank at --batch-size,
+through sparsetune's own DDP wrapper; `allreduce_bytes_per_step` is what its communication hook sent, and memory
+and time are rank 0's.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "instead of --model's pretrained one")
     parser.add_argument("--crossover", action="store_true", help="time the indexed and the dense gradient of one "
                         "weight over shapes, token counts and densities (the measurements behind grad: auto)")
+    parser.add_argument("--nproc", type=int, default=1, help="ranks per method (data-parallel, under torchrun)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -126,7 +132,7 @@ def _setup(args: argparse.Namespace, method: str):
                     "ist-sift": {"name": "ist", "base": sift_settings}, "zeroing": zeroing,
                     "dense-critical": zeroing | {"mode": "dense-critical"}}.get(method, sift_settings)
         chosen = method_class(settings["name"])(recipe(settings))
-        run = RunDir(chosen.recipe.output_dir)
+        run = RunDir(chosen.recipe.output_dir, writer=True)  # each rank's own scratch run
         run.open(chosen.recipe)
         features = [{"input_ids": ids[i].tolist(), "attention_mask": [1] * args.seq_len,
                      "labels": labels[i].tolist()} for i in range(args.batch_size)] * 16
@@ -140,7 +146,7 @@ def _setup(args: argparse.Namespace, method: str):
         before_step = lambda step: chosen.before_step(model, step, features, pad_id)  # noqa: E731
         after_step = lambda: chosen.after_step(model)  # noqa: E731
     params = [p for p in model.parameters() if p.requires_grad]
-    return model, params, before_step, after_step, batch
+    return model, params, before_step, after_step, batch, method.startswith("ist")
 
 
 def _reset_peak_rss() -> None:
@@ -163,11 +169,14 @@ def run_child(args: argparse.Namespace) -> dict:
     import torch
 
     from sparsetune.device import Placement
+    from sparsetune.distributed import bytes_all_reduced, data_parallel, init
 
     method = args.child
+    ranks = init()  # under torchrun with --nproc; one process otherwise
     placement = Placement.from_config(SimpleNamespace(**_train_settings(args)))
-    model, params, before_step, after_step, batch = _setup(args, method)
+    model, params, before_step, after_step, batch, partial = _setup(args, method)
     placement.place(model)
+    parallel = data_parallel(model, placement.device, partial) if params else model
     batch = placement.batch(batch)
     optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
     scaler = placement.grad_scaler()
@@ -183,7 +192,7 @@ def run_child(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         before_step(step)
         with placement.autocast():
-            loss = model(**batch).loss
+            loss = parallel(**batch).loss
         scaler.scale(loss).backward()
         if optimizer:
             scaler.step(optimizer)
@@ -195,7 +204,11 @@ def run_child(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - start)
     peak = placement.peak_memory_bytes() or _peak_rss_bytes()
     trainable = 0 if method == "frozen" else sum(p.numel() for p in params)
-    return {"method": method, "trainable": trainable, "peak_mem_bytes": peak, "step_time_s": statistics.median(times),
+    sent = bytes_all_reduced(parallel)
+    if not ranks.is_main:
+        return {}
+    return {"method": method, "trainable": trainable, "nproc": ranks.size,
+            "allreduce_bytes_per_step": None if sent is None else round(sent / (args.steps + 2)), "peak_mem_bytes": peak, "step_time_s": statistics.median(times),
             "mean_step_time_s": statistics.mean(times), "device": str(placement.device),
             "device_name": placement.device_name(), "dtype": args.dtype,
             "gradient_checkpointing": args.gradient_checkpointing, "model": args.config or args.model,
@@ -260,7 +273,8 @@ def crossover(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
-        print(json.dumps(run_child(args)))
+        if row := run_child(args):
+            print(json.dumps(row))
         return
     if args.crossover:
         rows = crossover(args)
@@ -271,7 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     for method in args.methods.split(","):
         if method not in METHODS:
             sys.exit(f"error: --methods: unknown method '{method}'; expected some of {', '.join(METHODS)}")
-        cmd = [sys.executable, __file__, "--child", method, "--model", args.model, "--batch-size", str(args.batch_size),
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+        cmd = [*(launcher if args.nproc > 1 else [sys.executable]), __file__, "--child", method, "--model", args.model, "--batch-size", str(args.batch_size),
                "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--budget", str(args.budget),
                "--device", args.device, "--dtype", args.dtype] + (["--config", args.config] if args.config else []) \
             + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
@@ -282,16 +297,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{method}: done", file=sys.stderr)
     full = next((r for r in rows if r["method"] == "full"), None)
     first = rows[0]
-    print(f"\n{args.config or args.model}, batch {args.batch_size} x {args.seq_len}, budget {args.budget}, "
+    print(f"\n{args.config or args.model}, batch {args.batch_size} x {args.seq_len}"
+          f"{f' per rank on {args.nproc} ranks' if args.nproc > 1 else ''}, budget {args.budget}, "
           f"{first['device_name']} ({first['device']}), base in {args.dtype}"
           f"{', activation checkpointing' if args.gradient_checkpointing else ''}\n")
-    print("| method | trainable | peak memory (MiB) | vs full | median step (s) | vs full | mean step (s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    ranks = args.nproc > 1
+    print("| method | trainable | peak memory (MiB) | vs full | median step (s) | vs full | mean step (s) |"
+          + (" all-reduced per step | vs full |" if ranks else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if ranks else ""))
     for r in rows:
         mem_ratio = f"{r['peak_mem_bytes'] / full['peak_mem_bytes']:.2f}" if full else "-"
         time_ratio = f"{r['step_time_s'] / full['step_time_s']:.2f}" if full else "-"
+        sent = r["allreduce_bytes_per_step"] or 0
+        comm = (f" {sent:,} B | {100 * sent / full['allreduce_bytes_per_step']:.2f}% |"
+                if ranks and full else f" {sent:,} B | - |" if ranks else "")
         print(f"| {r['method']} | {r['trainable']:,} | {r['peak_mem_bytes'] / 2**20:,.0f} | {mem_ratio} | "
-              f"{r['step_time_s']:.3f} | {time_ratio} | {r['mean_step_time_s']:.3f} |")
+              f"{r['step_time_s']:.3f} | {time_ratio} | {r['mean_step_time_s']:.3f} |" + comm)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
