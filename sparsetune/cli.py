@@ -53,7 +53,7 @@ def _run_stage(stage: str, recipe, run, force: bool, explicit: bool = True) -> N
             log.print(f"{stage}: method '{recipe.method.name}' has no {stage} stage; nothing to do")
         return
     fingerprint = method_cls(recipe).stage_fingerprint(stage)
-    if not force and run.check_stage(stage, fingerprint):
+    if not force and run.check_stage(stage, fingerprint, world().size):
         log.print(f"{stage}: up to date in {run.stage_dir(stage)}")
         return
     log.print(f"{stage}: running for method '{recipe.method.name}'")

@@ -73,12 +73,11 @@ class Recipe(Strict):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
-    def fingerprint(self, *keys: str, **extra: Any) -> str:
-        """Hash of the named sections or dotted keys (all but output_dir when none) and of `extra` facts beyond
-        the recipe, for stale-input checks."""
+    def fingerprint(self, *keys: str) -> str:
+        """Hash of the named sections or dotted keys (all but output_dir when none), for stale-input checks."""
         data = self.model_dump(mode="json")
         keys = keys or tuple(k for k in data if k != "output_dir")
-        picked = dict(extra)
+        picked = {}
         for key in keys:
             value = data
             for part in key.split("."):

@@ -137,17 +137,19 @@ class RunDir:
         manifest.setdefault("stages", {})[stage] = {"fingerprint": fingerprint, **info}
         write_json(self.manifest_path, manifest)
 
-    def check_stage(self, stage: str, fingerprint: str) -> bool:
-        """True when `stage` was completed for this fingerprint; a stale result is an error."""
+    def check_stage(self, stage: str, fingerprint: str, world_size: int | None = None) -> bool:
+        """True when `stage` was completed for this fingerprint (and, when given, this many processes, since its
+        batches held `batch_size x world size` examples); a stale result is an error. Reading a finished run
+        (eval, export) accepts a stage from any world size."""
         done = self.manifest().get("stages", {}).get(stage)
         if done is None:
             return False
+        if world_size is not None and (saved := done.get("world_size", 1)) != world_size:
+            raise UserError(
+                f"{self.root}: the {stage} stage was computed on {saved} process(es), whose batches hold "
+                f"batch_size x {saved} examples, and this run has {world_size}: launch it the same way "
+                f"({'without --nproc' if saved == 1 else f'--nproc {saved}'}), or rerun with --force to recompute it")
         if done["fingerprint"] != fingerprint:
-            if (saved := done.get("world_size", 1)) != world().size:
-                raise UserError(
-                    f"{self.root}: the {stage} stage was computed on {saved} process(es), whose batches hold "
-                    f"batch_size x {saved} examples, and this run has {world().size}: launch it the same way "
-                    f"({'without --nproc' if saved == 1 else f'--nproc {saved}'}), or rerun with --force to recompute it")
             raise UserError(
                 f"{self.root}: the {stage} stage was computed for a different recipe "
                 f"(model, data or method changed); rerun with --force to recompute it"

@@ -136,3 +136,12 @@ def test_a_failing_rank_stops_every_rank_with_one_error_line(tmp_path, bert, glu
 def test_nproc_is_checked_before_launching(bert_recipe, capsys):
     assert run_cli("train", bert_recipe(), "--nproc", "0") == 2
     assert capsys.readouterr().err.strip() == "error: --nproc: expected a positive number of processes, got 0"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nccl)")
+def test_nccl_path_on_one_gpu(tmp_path, bert, glue_root):
+    recipe = recipe_for(tmp_path, bert, glue_root, SETTINGS["sift"], device="cuda", dtype="bf16")
+    done = launch(recipe, nproc=1, via="nproc")
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "run/manifest.json").read_text())
+    assert manifest["world_size"] == 1 and "nccl" in manifest["backend"] and manifest["device"] == "cuda:0"

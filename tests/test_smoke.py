@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,21 @@ def test_quickstart_recipe_in_bf16_with_activation_checkpointing(tmp_path):
     assert (manifest["dtype"], manifest["gradient_checkpointing"]) == ("bf16", True)
     assert run_cli("export-delta", run, "-o", tmp_path / "delta") == 0
     assert run_cli("apply-delta", tmp_path / "delta", "-o", tmp_path / "merged") == 0
+
+
+def test_quickstart_recipe_on_two_processes(tmp_path):
+    """`sparsetune train --nproc 2` on the packaged model and data: 2 CPU ranks with gloo, then a single-process
+    export of what rank 0 wrote."""
+    run = tmp_path / "qs"
+    command = [sys.executable, "-m", "sparsetune", "train", str(RECIPES / "quickstart.yaml"), f"output_dir={run}",
+               *QUICK, "train.batch_size=4", "--nproc", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert (manifest["world_size"], manifest["global_batch_size"]) == (2, 8)
+    assert 0 < manifest["allreduce_bytes_per_step"] < 0.02 * 4 * 22_713_986  # SIFT's values and the head, not the model
+    assert set(results(run)["metrics"]) == {"accuracy", "f1"}
+    assert run_cli("export-delta", run, "-o", tmp_path / "delta") == 0
 
 
 @needs_shared

@@ -45,13 +45,7 @@ class Method:
     # --- stages before training ---------------------------------------------------------------
     def stage_fingerprint(self, stage: str) -> str:
         """What a stage's output depends on; a later stage refuses the output when this changes."""
-        return self.fingerprint("seed", "model", "task", "method")
-
-    def fingerprint(self, *keys: str) -> str:
-        """The recipe's fingerprint of `keys`, and of the world size under torchrun: a stage's batches are
-        `batch_size x world size` examples, so its result depends on both."""
-        size = world().size
-        return self.recipe.fingerprint(*keys, **({"world_size": size} if size > 1 else {}))
+        return self.recipe.fingerprint("seed", "model", "task", "method")
 
     def warmup(self, loaded: LoadedModel, data: TaskData, run: RunDir) -> str | None:
         """Compute what selection needs; returns a summary, or None when the method has no warm-up."""

@@ -151,7 +151,7 @@ class Ist(Method):
 
     # --- warm-up: initial scores --------------------------------------------------------------
     def stage_fingerprint(self, stage: str) -> str:
-        return self.fingerprint("seed", "model", "task.name", "task.data_dir", "task.data_file",
+        return self.recipe.fingerprint("seed", "model", "task.name", "task.data_dir", "task.data_file",
                                        "task.train_limit", "train.batch_size", "train.lr", "train.weight_decay",
                                        "train.max_grad_norm", "method.base", "method.suppress_fraction",
                                        "method.trials", "method.score_lr", "method.suppression",

@@ -102,7 +102,7 @@ class Sift(Method):
                 "method.target", "method.bias", "method.score", "method.warmup_batches"]
         if stage == "select":
             keys += ["method.budget", "method.selection"]
-        return self.fingerprint(*keys)
+        return self.recipe.fingerprint(*keys)
 
     # --- warm-up: score every targeted entry --------------------------------------------------
     def warmup(self, loaded: LoadedModel, data: TaskData, run: RunDir) -> str:

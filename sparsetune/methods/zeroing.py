@@ -66,7 +66,7 @@ class Zeroing(Method):
                 "method.criticality", "method.warmup_batches", "method.warmup_lr"]
         if stage == "select":
             keys += ["method.layers", "method.target"]
-        return self.fingerprint(*keys)
+        return self.recipe.fingerprint(*keys)
 
     # --- warm-up: layer criticality -----------------------------------------------------------
     @staticmethod
