@@ -17,4 +17,4 @@ T = TypeVar("T")
 def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
     """A transient progress bar on stderr when it is a terminal; silent otherwise (logs stay clean)."""
     yield from track(items, description=description, total=total, console=log, transient=True,
-                     disable=not log.is_terminal)
+                     disable=not log.is_terminal or log.quiet)

@@ -54,7 +54,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda", index)
     if device.type == "mps":
         if not torch.backends.mps.is_available():
-            raise UserError(f"train.device: 'mps' asked for, but this torch sees no Apple GPU; use cpu or auto")
+            raise UserError("train.device: 'mps' asked for, but this torch sees no Apple GPU; use cpu or auto")
         return device
     if device.type != "cpu":
         raise UserError(f"train.device: '{name}' is not supported; expected {DEVICE_CHOICES}")

@@ -232,7 +232,8 @@ class Trainer:
     def _progress(self) -> Progress:
         return Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            TextColumn("{task.fields[status]}"), console=self.console, disable=not self.console.is_terminal,
+            TextColumn("{task.fields[status]}"), console=self.console,
+            disable=not self.console.is_terminal or self.console.quiet,  # one bar: rank 0's
         )
 
     def save_final(self) -> None:
