@@ -72,9 +72,9 @@ def train(
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the newest complete checkpoint")] = False,
     force: Annotated[bool, typer.Option("--force", help="delete earlier training outputs and start over")] = False,
-    stop_at_step: Annotated[Optional[int], typer.Option(help="checkpoint and stop after this step")] = None,
-    nproc: Annotated[Optional[int], typer.Option(help="train data-parallel on this many local processes (one per "
-                                                 "GPU, or CPU processes with gloo), as torchrun --nproc_per_node")] = None,
+    stop_at_step: Annotated[Optional[int], typer.Option(min=1, help="checkpoint and stop after this step")] = None,
+    nproc: Annotated[Optional[int], typer.Option(min=1, help="train data-parallel on this many local processes (one "
+                                                 "per GPU, or CPU processes with gloo), as torchrun --nproc_per_node")] = None,
 ) -> None:
     """Run warm-up and selection when missing, train, then evaluate on the dev split(s)."""
     from sparsetune.distributed import launch
@@ -82,8 +82,6 @@ def train(
 
     recipe, run = _load(recipe_path, overrides)
     if nproc is not None:
-        if nproc < 1:
-            raise UserError(f"--nproc: expected a positive number of processes, got {nproc}")
         if world().launched:
             raise UserError("--nproc: this process was started by torchrun already; drop --nproc")
         flags = ["--resume"] * resume + ["--force"] * force + (["--stop-at-step", str(stop_at_step)] if stop_at_step else [])
@@ -207,7 +205,7 @@ def validate(recipe_path: RecipeArg, overrides: Overrides = None) -> None:
 
     recipe, _ = _load(recipe_path, overrides)
     out.print(recipe.to_yaml(), end="", markup=False, highlight=False)
-    loaded = load_model(recipe.model.name, HeadSpec.for_task(task_spec(recipe.task.name)))
+    loaded = load_model(recipe.model.name, HeadSpec.for_task(task_spec(recipe.task.name)), recipe.model.trust_remote_code)
     out.print(f"# {method_class(recipe.method.name)(recipe).describe(loaded)}", markup=False, highlight=False)
 
 
@@ -260,11 +258,11 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"error: {exc}", 2, exc)
     except typer.Abort:
         _fail(INTERRUPTED, 130)
-    except TyperException as exc:  # usage errors, in click's words
-        if not claim_failure():
-            sys.exit(EXIT_PEER)
-        exc.show()
-        sys.exit(exc.exit_code)
+    except TyperException as exc:  # usage errors (a missing argument, an option out of range), in click's words
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        _fail(f"error: {message}", getattr(exc, "exit_code", 2))
+    except OSError as exc:  # the file system refused (permissions, a full disk): name the file, no traceback
+        _fail(f"error: {exc.filename or 'a file'}: {exc.strerror or exc}", 2, exc)
     except Exception as exc:
         if not ranks.launched:
             raise

@@ -95,12 +95,15 @@ def resolve(name: str) -> str:
     return name  # a hub id, for users with a network
 
 
-def load_model(name: str, head: HeadSpec) -> LoadedModel:
+def load_model(name: str, head: HeadSpec, trust_remote_code: bool = False) -> LoadedModel:
+    """The model with `head`; a folder's own Python code runs only when `trust_remote_code` (model.trust_remote_code)."""
     source = resolve(name)
+    trust = {"trust_remote_code": trust_remote_code}  # passed explicitly: never left to a library default
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, **trust)
         if head.kind == "causal-lm":
-            model, info = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, output_loading_info=True)
+            model, info = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, output_loading_info=True,
+                                                               **trust)
         else:
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 source,
@@ -108,6 +111,7 @@ def load_model(name: str, head: HeadSpec) -> LoadedModel:
                 problem_type="regression" if head.num_labels == 1 else "single_label_classification",
                 dtype=torch.float32,
                 output_loading_info=True,
+                **trust,
             )
     except OSError as exc:
         raise UserError(

@@ -23,6 +23,8 @@ class Strict(BaseModel):
 class ModelConfig(Strict):
     name: str = Field("minilm-l6", description="packaged alias (minilm-l6, smollm2-135m), local folder or hub id")
     max_length: int = Field(128, gt=0, description="tokens per example after truncation")
+    trust_remote_code: bool = Field(False, description="let transformers run the model folder's own Python code "
+                                    "(only for a model you trust; recorded in the manifest)")
 
 
 class TaskConfig(Strict):
@@ -172,7 +174,9 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise UserError(f"recipe file '{path}' not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a text file (byte {exc.start} is not UTF-8); expected a YAML recipe") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     recipe = build_recipe(apply_overrides(raw, overrides or []), str(path))

@@ -345,7 +345,8 @@ def build_report(paths: list[Path], out: Path, measure_deltas: bool = True) -> P
 def expand(patterns: list[str]) -> list[Path]:
     """Run directories from paths or globs (a quoted glob works too), in the given order, without duplicates.
 
-    A glob keeps only folders with a recipe.yaml (every run writes it first); a named folder is always reported.
+    A glob keeps only folders with a recipe.yaml (every run writes it first, so a run that failed has one); a
+    named folder must be a run directory.
     """
     found: list[Path] = []
     for pattern in patterns:
@@ -355,6 +356,8 @@ def expand(patterns: list[str]) -> list[Path]:
                 raise UserError(f"RUN_DIR: '{pattern}' matches no run directory")
         elif not Path(pattern).is_dir():
             raise UserError(f"RUN_DIR: '{pattern}' is not a directory")
+        elif not (Path(pattern) / "recipe.yaml").is_file():
+            raise UserError(f"RUN_DIR: '{pattern}' is not a sparsetune run directory (no recipe.yaml)")
         else:
             matches = [Path(pattern)]
         found += [m for m in matches if m.is_dir() and m not in found]

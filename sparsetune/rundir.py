@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -23,6 +24,7 @@ from sparsetune.errors import UserError
 from sparsetune.recipe import Recipe, build_recipe
 
 TRAIN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "eval")
+CHECKSUMS = "checksums.json"
 _STEP_DIR = re.compile(r"step-(\d+)$")
 
 
@@ -56,6 +58,14 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -100,6 +110,11 @@ class RunDir:
 
     def open(self, recipe: Recipe) -> None:
         """Create or re-enter the run directory for `recipe`, saving the resolved recipe and manifest."""
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"output_dir: '{self.root}' exists and is a file; expected a directory (or a new path)")
+        parent = next((p for p in (self.root, *self.root.parents) if p.exists()), Path("."))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(f"output_dir: '{self.root}' cannot be written ('{parent}' is not writable)")
         if self.root.exists() and any(self.root.iterdir()) and not self.recipe_path.is_file():
             raise UserError(f"output_dir: '{self.root}' is not empty and is not a sparsetune run directory")
         if self.has_training_outputs() and (changed := self.changed_keys(recipe)):
@@ -111,7 +126,8 @@ class RunDir:
                 tmp.write_text(recipe.to_yaml())
             manifest = self.manifest()
             manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-            manifest.update(seed=recipe.seed, versions=package_versions(), recipe_fingerprint=recipe.fingerprint())
+            manifest.update(seed=recipe.seed, versions=package_versions(), recipe_fingerprint=recipe.fingerprint(),
+                            trust_remote_code=recipe.model.trust_remote_code)
             manifest.setdefault("stages", {})
             write_json(self.manifest_path, manifest)
         world().barrier()
@@ -188,6 +204,30 @@ class RunDir:
         if not self.checkpoints.is_dir():
             return []
         return sorted(int(m.group(1)) for p in self.checkpoints.iterdir() if (m := _STEP_DIR.match(p.name)))
+
+    @staticmethod
+    def seal(folder: Path) -> None:
+        """Record a sha256 of every file in `folder` (a checkpoint or final/ being written), so that a file
+        damaged later (a truncated copy, a disk fault) is found before it is loaded."""
+        sums = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+        (folder / CHECKSUMS).write_text(json.dumps(sums, indent=2) + "\n")
+
+    @staticmethod
+    def damage(folder: Path) -> str | None:
+        """What is wrong with a sealed folder (None when intact; folders from before sealing are not checked)."""
+        listing = folder / CHECKSUMS
+        if not listing.is_file():
+            return None if folder.is_dir() else "missing"
+        try:
+            sums = json.loads(listing.read_text())
+        except (ValueError, UnicodeDecodeError):
+            return f"{CHECKSUMS} is unreadable"
+        for name, expected in sums.items():
+            if not (folder / name).is_file():
+                return f"{name} is missing"
+            if _sha256(folder / name) != expected:
+                return f"{name} does not match its checksum"
+        return None
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step}"

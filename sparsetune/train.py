@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ def build(recipe: Recipe, run: RunDir | None, with_data: bool = True, prepare: b
     result sits on the recipe's device with the frozen base in its dtype."""
     torch.manual_seed(recipe.seed)  # a fresh task head is initialised from the recipe's seed
     method = method_class(recipe.method.name)(recipe)  # resolves train.device first: a bad one fails before loading
-    loaded = load_model(recipe.model.name, HeadSpec.for_task(task_spec(recipe.task.name)))
+    loaded = load_model(recipe.model.name, HeadSpec.for_task(task_spec(recipe.task.name)), recipe.model.trust_remote_code)
     data = load_task(recipe.task, loaded.tokenizer, recipe.model.max_length) if with_data else None
     # a stage marks what it differentiates itself; until then the whole base is frozen, so it is stored in dtype
     model = method.prepare(loaded, run) if prepare else loaded.model.requires_grad_(False)
@@ -69,8 +70,12 @@ def restore(run: RunDir, checkpoint: str = "final", with_data: bool = True, devi
     """Rebuild a run's trained model from `final/` or `checkpoints/step-N/` (on its recipe's device unless told)."""
     recipe = with_placement(run.load_recipe(), device, dtype)
     folder = run.final if checkpoint == "final" else run.checkpoints / checkpoint
+    if checkpoint != "final" and not re.fullmatch(r"step-\d+", checkpoint):
+        raise UserError(f"--checkpoint: expected 'final' or a checkpoint folder such as step-100, got '{checkpoint}'")
     if not (folder / TRAINABLE_FILE).is_file():
         raise UserError(f"{run.root}: no trained state in '{folder.name}' (has `sparsetune train` finished?)")
+    if problem := run.damage(folder):
+        raise UserError(f"{folder}: damaged ({problem}); evaluate another checkpoint or retrain")
     session = build(recipe, run, with_data)
     session.method.load_trainable_state(session.model, load_file(str(folder / TRAINABLE_FILE)))
     return session
@@ -141,6 +146,7 @@ class Trainer:
             write_json(tmp / "trainer.json", {"step": self.step, "micro_batches": self.consumed,
                                               "world_size": self.world.size,
                                               "recipe_fingerprint": self.s.recipe.fingerprint()})
+            self.run.seal(tmp)
         self.run.prune_checkpoints(self.cfg.keep_checkpoints)
 
     def load_checkpoint(self, folder: Path) -> None:
@@ -244,6 +250,21 @@ class Trainer:
             save_file(self.s.method.trainable_state(self.s.model), str(tmp / TRAINABLE_FILE))
             write_json(tmp / "final.json", {"step": self.step, "method": self.s.method.name,
                                             "recipe_fingerprint": self.s.recipe.fingerprint()})
+            self.run.seal(tmp)
+
+
+def _newest_intact(run: RunDir, steps: list[int], console: Console) -> Path:
+    """The newest checkpoint whose files match their checksums; a damaged one is skipped with a warning."""
+    damaged = []
+    for step in reversed(steps):
+        folder = run.checkpoint(step)
+        if (problem := run.damage(folder)) is None:
+            return folder
+        console.print(f"warning: {folder} is damaged ({problem}); falling back to an earlier checkpoint",
+                      markup=False, highlight=False)
+        damaged.append(folder.name)
+    raise UserError(f"{run.checkpoints}: no intact checkpoint to resume from (damaged: {', '.join(damaged)}); "
+                    "train --force to start over")
 
 
 def _rank_state(saved: torch.Tensor | list[torch.Tensor], rank: int) -> torch.Tensor:
@@ -281,9 +302,8 @@ def train_run(recipe: Recipe, run: RunDir, console: Console, resume: bool, stop_
     trainer = Trainer(session, run, console)
     scale = {**ranks.record(), "global_batch_size": trainer.micro_batch * recipe.train.grad_accum}
     run.update_manifest(**placement.record(), **scale)
-    steps = run.checkpoint_steps()
-    if resume and steps:
-        trainer.load_checkpoint(run.checkpoint(steps[-1]))
+    if resume and (steps := run.checkpoint_steps()):
+        trainer.load_checkpoint(_newest_intact(run, steps, console))
         console.print(f"resumed from checkpoints/step-{trainer.step}")
     run.truncate_metrics(trainer.step)  # rows an interrupted attempt logged past the checkpoint (or before any)
     console.print(
@@ -319,7 +339,7 @@ def export_run(run: RunDir, output: Path, fmt: str, checkpoint: str = "final", d
     The size of the method's own export of final/ is kept in the manifest, for reports.
     """
     session = restore(run, checkpoint, with_data=False, device=device, dtype="fp32")
-    base = load_model(session.recipe.model.name, HeadSpec.for_task(task_spec(session.recipe.task.name)))
+    base = load_model(session.recipe.model.name, HeadSpec.for_task(task_spec(session.recipe.task.name)), session.recipe.model.trust_remote_code)
     session.placement.place(base.model)
     path = session.method.export(session.model, base, output, fmt)
     size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

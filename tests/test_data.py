@@ -39,10 +39,13 @@ def test_glue_reader_official_layout(task, glue_root):
 def test_qqp_skips_malformed_rows(tmp_path):
     (tmp_path / "QQP").mkdir()
     lines = ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate", "0\t1\t2\ta?\tb?\t1", "1\t3\tbroken row", "2\t4\t5\tc?\td?\t0"]
-    for name in ("train.tsv", "dev.tsv"):
-        (tmp_path / "QQP" / name).write_text("\n".join(lines) + "\n")
-    train, _ = read_glue("qqp", tmp_path, None, None)
+    (tmp_path / "QQP" / "train.tsv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "QQP" / "dev.tsv").write_text("\n".join(lines[:2] + lines[3:]) + "\n")
+    train, _ = read_glue("qqp", tmp_path, None, None)  # QQP's training set is known to hold a few such rows
     assert [e.label for e in train] == [1, 0]
+    (tmp_path / "QQP" / "dev.tsv").write_text("\n".join(lines) + "\n")  # a dev split must not lose rows
+    with pytest.raises(UserError, match="dev.tsv: 1 row.* wrong column count .* line 3"):
+        read_glue("qqp", tmp_path, None, None)
 
 
 def test_glue_missing_file_is_a_user_error(tmp_path):

@@ -137,7 +137,7 @@ def test_a_failing_rank_stops_every_rank_with_one_error_line(tmp_path, bert, glu
 
 def test_nproc_is_checked_before_launching(bert_recipe, capsys):
     assert run_cli("train", bert_recipe(), "--nproc", "0") == 2
-    assert capsys.readouterr().err.strip() == "error: --nproc: expected a positive number of processes, got 0"
+    assert capsys.readouterr().err.strip() == "error: Invalid value for '--nproc': Input should be greater than or equal to 1"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nccl)")

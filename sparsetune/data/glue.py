@@ -9,6 +9,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+from sparsetune.console import log
 from sparsetune.errors import UserError
 
 
@@ -60,30 +61,59 @@ def _task_folder(data_dir: Path, fmt: GlueFormat) -> Path:
     return data_dir
 
 
+# files known to hold a few malformed rows, whose rows may be skipped (with a warning): QQP's training set
+KNOWN_RAGGED = {("QQP", "train.tsv")}
+
+
 def read_tsv(path: Path, fmt: GlueFormat, limit: int | None) -> list[Example]:
-    """Read one official GLUE TSV; rows with a wrong column count (a few in QQP) are skipped."""
+    """Read one official GLUE TSV. Rows with a wrong column count are counted: skipped with a warning in a file
+    known to have a few (QQP's training set), refused elsewhere, since a dev split that loses rows changes the
+    metric and a training file that does is probably not what it claims to be."""
     if not path.is_file():
         raise UserError(f"task.data_dir: file '{path}' not found (expected the official GLUE layout)")
+    try:
+        return _read_rows(path, fmt, limit)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); expected a GLUE TSV file") from None
+
+
+def _read_rows(path: Path, fmt: GlueFormat, limit: int | None) -> list[Example]:
     with path.open(encoding="utf-8-sig", newline="") as handle:
         rows = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(rows) if isinstance(fmt.label_col, str) else None
+        header = next(rows, None) if isinstance(fmt.label_col, str) else None
+        if isinstance(fmt.label_col, str):
+            missing = [c for c in (*fmt.text_cols, fmt.label_col) if c not in (header or [])]
+            if missing:
+                raise UserError(f"{path}: no column {', '.join(repr(c) for c in missing)} in its header "
+                                f"{header}; expected the {fmt.folder} task's file")
         width = len(header) if header else None
         cols = [header.index(c) if header else c for c in (*fmt.text_cols, fmt.label_col)]
-        examples = []
+        examples, skipped = [], []
         for row in rows:
             if (width and len(row) != width) or len(row) <= max(cols):
+                skipped.append(rows.line_num)
                 continue
             label = row[cols[-1]]
             if fmt.labels is None:
-                value: int | float = float(label)
+                try:
+                    value: int | float = float(label)
+                except ValueError:
+                    raise UserError(f"{path}, line {rows.line_num}: score '{label}' is not a number") from None
             elif label in fmt.labels:
                 value = fmt.labels.index(label)
             else:
-                raise UserError(f"{path}: unexpected label '{label}'; expected one of {', '.join(fmt.labels)}")
+                raise UserError(f"{path}, line {rows.line_num}: unexpected label '{label}'; expected one of "
+                                f"{', '.join(fmt.labels)}")
             texts = [row[c] for c in cols[:-1]]
             examples.append(Example(texts[0], texts[1] if len(texts) > 1 else None, value))
             if limit and len(examples) >= limit:
                 break
+    if skipped:
+        message = (f"{path}: {len(skipped)} row(s) with a wrong column count (expected {width or max(cols) + 1}), "
+                   f"the first at line {skipped[0]}")
+        if (fmt.folder, path.name) not in KNOWN_RAGGED:
+            raise UserError(message)
+        log.print(f"warning: {message}; skipped", markup=False, highlight=False)
     return examples
 
 

@@ -28,7 +28,10 @@ def read_records(path: Path | None) -> list[Record]:
         raise UserError("task.data_file: required for task 'instruct' (Alpaca JSON or JSONL)")
     if not path.is_file():
         raise UserError(f"task.data_file: file '{path}' not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"task.data_file: '{path}' is not UTF-8 text (byte {exc.start})") from None
     try:
         if path.suffix == ".jsonl":
             items = [json.loads(line) for line in text.splitlines() if line.strip()]

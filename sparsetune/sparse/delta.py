@@ -87,17 +87,53 @@ def read_delta(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise UserError(f"'{path}' is not a sparsetune delta (format={header.get('format')!r})")
     if header.get("version") != VERSION:
         raise UserError(f"'{path}': delta format version {header.get('version')} is not supported (want {VERSION})")
-    return tensors, json.loads(header["meta"])
+    try:
+        meta = json.loads(header["meta"])
+        missing = [k for k in ("base_model", "head", "base_checksums") if k not in meta]
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise UserError(f"'{path}': the delta's header has no readable 'meta' entry") from None
+    if missing:
+        raise UserError(f"'{path}': the delta's header lacks {', '.join(missing)}")
+    return tensors, meta
+
+
+def check_entries(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> None:
+    """Refuse a delta whose entries cannot be applied to `params`: unknown tensors, indices that are not 1-D
+    integers, out of range or repeated, values that do not pair with their indices, dense entries of another shape."""
+    for key, value in tensors.items():
+        name, kind = _split(key)
+        if name not in params:
+            raise UserError(f"delta touches '{name}', which the base model does not have (different base model?)")
+        numel = params[name].numel()
+        if kind in ("idx", "zero"):
+            if value.dtype not in (torch.int32, torch.int64) or value.ndim != 1:
+                raise UserError(f"delta entry '{key}': expected 1-D int32/int64 flat indices, got {value.dtype} "
+                                f"of shape {tuple(value.shape)}")
+            if value.numel() and (int(value.min()) < 0 or int(value.max()) >= numel):
+                raise UserError(f"delta entry '{key}': indices must lie in [0, {numel}), got {int(value.min())}.."
+                                f"{int(value.max())}")
+            if torch.unique(value).numel() != value.numel():
+                raise UserError(f"delta entry '{key}': {value.numel() - torch.unique(value).numel()} repeated indices")
+        if kind in ("dense", "val") and not value.is_floating_point():
+            raise UserError(f"delta entry '{key}': expected floating-point values, got {value.dtype}")
+        if kind == "dense" and value.shape != params[name].shape:
+            raise UserError(f"delta entry '{key}' has shape {tuple(value.shape)}, model has {tuple(params[name].shape)}")
+        if kind in ("idx", "val"):
+            pair = f"{name}.{'val' if kind == 'idx' else 'idx'}"
+            if pair not in tensors:
+                raise UserError(f"delta entry '{key}' has no matching '{pair}'")
+            if kind == "val" and (value.ndim != 1 or value.numel() != tensors[pair].numel()):
+                raise UserError(f"delta entry '{key}': expected {tensors[pair].numel()} values (one per index), "
+                                f"got shape {tuple(value.shape)}")
 
 
 @torch.no_grad()
 def apply_delta(model: torch.nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Apply in place; refuses (before changing anything) when the base values do not match."""
+    """Apply in place; refuses (before changing anything) malformed entries and a base whose values differ."""
     params = dict(model.named_parameters())
+    check_entries(tensors, params)
     touched = _touched(tensors)
     for name, idx in touched.items():
-        if name not in params:
-            raise UserError(f"delta touches '{name}', which the base model does not have (different base model?)")
         expected = meta["base_checksums"].get(name)
         if expected is not None and base_checksum(params[name], idx) != expected:
             raise UserError(f"delta was made for a different base model: the base values of '{name}' differ")
@@ -105,8 +141,6 @@ def apply_delta(model: torch.nn.Module, tensors: dict[str, torch.Tensor], meta: 
         name, kind = _split(key)
         flat = params[name].data.view(-1)
         if kind == "dense":
-            if value.shape != params[name].shape:
-                raise UserError(f"delta entry '{key}' has shape {tuple(value.shape)}, model has {tuple(params[name].shape)}")
             params[name].data.copy_(value.to(params[name].dtype))
         elif kind == "val":
             idx = tensors[f"{name}.idx"].long()
