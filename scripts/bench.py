@@ -77,7 +77,7 @@ def _load(args: argparse.Namespace):
     if args.config:
         model = LlamaForCausalLM(LlamaConfig(**CONFIGS[args.config]))
         return LoadedModel(model, SimpleNamespace(pad_token_id=0), frozenset(n for n, _ in model.named_parameters())), True
-    architecture = (AutoConfig.from_pretrained(resolve(args.model)).architectures or [""])[0]
+    architecture = (AutoConfig.from_pretrained(resolve(args.model), trust_remote_code=False).architectures or [""])[0]
     causal = architecture in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()  # else: a classifier, as for GLUE
     return load_model(args.model, HeadSpec("causal-lm") if causal else HeadSpec("sequence-classification", 2)), causal
 

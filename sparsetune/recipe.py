@@ -102,7 +102,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise UserError(f"override '{item}': expected key=value, e.g. train.lr=2e-4")
-    parsed = yaml.safe_load(value) if value.strip() else None
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        raise UserError(f"override '{item}': the value is not a YAML scalar (quote it)") from None
     if isinstance(parsed, str) and _looks_numeric(parsed):  # YAML 1.1 reads 2e-4 as a string
         parsed = float(parsed)
     return key.strip().split("."), parsed
