@@ -28,7 +28,7 @@ SETTINGS = {"full": {"name": "full"}, "lora": {"name": "lora", "r": 4, "dropout"
             "zeroing": {"name": "zeroing", "budget": 0.05, "layers": 2, "warmup_batches": 2}}
 # SIFT without biases: the attention key's bias has zero gradient in exact arithmetic (softmax ignores a shift),
 # so its scores are rounding noise whose top-k depends on the summation order, the one thing that differs here.
-FAILING_RANK = Path(__file__).parent / "failing_rank"  # its sitecustomize makes one rank raise
+FAULTS = Path(__file__).parent / "faults"  # its sitecustomize makes one rank raise
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_resume_on_another_world_size_is_refused(tmp_path, bert, glue_root, caps
 @pytest.mark.parametrize("via,rank", [("torchrun", 1), ("nproc", 0)])
 def test_a_failing_rank_stops_every_rank_with_one_error_line(tmp_path, bert, glue_root, via, rank):
     recipe = recipe_for(tmp_path, bert, glue_root, SETTINGS["sift"])
-    done = launch(recipe, via=via, env={"PYTHONPATH": str(FAILING_RANK), "SPARSETUNE_TEST_FAIL": f"{rank}:2"})
+    done = launch(recipe, via=via, env={"PYTHONPATH": str(FAULTS), "SPARSETUNE_TEST_FAIL": f"{rank}:2"})
     assert done.returncode != 0
     ours = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
     assert ours == [f"error: rank {rank}: RuntimeError: injected failure on rank {rank} after step 2"]
