@@ -15,9 +15,9 @@ from sparsetune.errors import UserError, did_you_mean
 
 
 class Strict(BaseModel):
-    """Every recipe section forbids unknown keys, so a typo never passes silently."""
+    """Every recipe section forbids unknown keys, so a typo never passes silently, and no number is inf or nan."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class ModelConfig(Strict):
@@ -66,7 +66,7 @@ class MethodConfig(Strict):
 
 class Recipe(Strict):
     output_dir: Path
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds the head, the data order and every sampler")
     model: ModelConfig = ModelConfig()
     task: TaskConfig
     method: MethodConfig
