@@ -105,6 +105,7 @@ CASES = {
     # --- deltas ---
     "delta missing": lambda c: (["apply-delta", c.tmp / "no.safetensors", "-o", c.tmp / "m"], "no.safetensors", c.tmp / "m"),
     "delta not safetensors": lambda c: (["apply-delta", c.write_bytes("d.safetensors", b"not a delta"), "-o", c.tmp / "m"], "d.safetensors", c.tmp / "m"),
+    "delta header without metadata": lambda c: (["apply-delta", c.headless_delta(), "-o", c.tmp / "m"], "meta", c.tmp / "m"),
     "delta index out of range": lambda c: (c.apply(lambda t: t[first(t, "idx")].__setitem__(0, 10**8)), "[0,", c.tmp / "m"),
     "delta negative index": lambda c: (c.apply(lambda t: t[first(t, "idx")].__setitem__(0, -1)), "[0,", c.tmp / "m"),
     "delta repeated index": lambda c: (c.apply(lambda t: t[first(t, "idx")].__setitem__(1, int(t[first(t, "idx")][0]))), "repeated", c.tmp / "m"),
@@ -170,6 +171,11 @@ class Context:
         for checkpoint in (run / "checkpoints").iterdir():
             (checkpoint / "state.pt").write_bytes(b"truncated")
         return ["train", run / "recipe.yaml", "--resume"]
+
+    def headless_delta(self) -> Path:
+        path = self.tmp / "headless.safetensors"
+        save_file({"x.dense": torch.zeros(2)}, str(path), metadata={"format": "sparsetune-delta", "version": "1"})
+        return path
 
     def apply(self, change) -> list:
         return ["apply-delta", tampered_delta(self.trained, self.tmp, change), "-o", self.tmp / "m"]
