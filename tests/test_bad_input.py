@@ -195,6 +195,7 @@ def test_bad_input_is_one_line(case, tmp_path, bert_recipe, glue_root, trained, 
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1 and lines[-1] == errors[0], captured.err
     assert named in errors[0]
+    assert not any("entries in" in line for line in lines)  # nothing is computed before the input is checked
     assert "Traceback" not in captured.err + captured.out
     if absent is not None:
         assert not absent.exists()

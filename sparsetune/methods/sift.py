@@ -107,6 +107,7 @@ class Sift(Method):
     # --- warm-up: score every targeted entry --------------------------------------------------
     def warmup(self, loaded: LoadedModel, data: TaskData, run: RunDir) -> str:
         model, targets = loaded.model, self.targets(loaded.model)
+        self.plan(targets)  # a budget the targets cannot hold fails now, not after the warm-up
         if self.cfg.score == "magnitude":
             scores = {n: p.detach().abs().float() for n, p in targets.items()}
         elif self.cfg.score == "random":
