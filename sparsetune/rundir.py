@@ -114,7 +114,7 @@ class RunDir:
             raise UserError(f"output_dir: '{self.root}' exists and is a file; expected a directory (or a new path)")
         parent = next((p for p in (self.root, *self.root.parents) if p.exists()), Path("."))
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise UserError(f"output_dir: '{self.root}' cannot be written ('{parent}' is not writable)")
+            raise UserError(f"output_dir: '{self.root}' cannot be written ('{parent}' is not a writable folder)")
         if self.root.exists() and any(self.root.iterdir()) and not self.recipe_path.is_file():
             raise UserError(f"output_dir: '{self.root}' is not empty and is not a sparsetune run directory")
         if self.has_training_outputs() and (changed := self.changed_keys(recipe)):
