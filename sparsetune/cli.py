@@ -141,6 +141,8 @@ def export_delta(
     fmt: Annotated[str, typer.Option("--format", help="auto (the method's own), delta, merged or peft")] = "auto",
     checkpoint: Checkpoint = "final",
     device: Device = None,
+    values: Annotated[str, typer.Option(help="dtype of a delta's sparse values: fp32 (exact) or bf16 (half the "
+                                        "bytes; the header records the largest error)")] = "fp32",
 ) -> None:
     """Write the tuned task as a delta over the base model (or a merged model / PEFT adapter)."""
     from sparsetune.methods.base import EXPORT_FORMATS
@@ -149,7 +151,9 @@ def export_delta(
 
     if fmt not in EXPORT_FORMATS:
         raise unknown("--format", fmt, EXPORT_FORMATS)
-    size = export_run(RunDir(run_dir), output, fmt, checkpoint, device)
+    if values not in ("fp32", "bf16"):
+        raise unknown("--values", values, ("fp32", "bf16"))
+    size = export_run(RunDir(run_dir), output, fmt, checkpoint, device, values)
     out.print(f"wrote {output} ({size:,} bytes)")
 
 

@@ -331,7 +331,8 @@ def train_run(recipe: Recipe, run: RunDir, console: Console, resume: bool, stop_
     return write_eval(run, session, "final")
 
 
-def export_run(run: RunDir, output: Path, fmt: str, checkpoint: str = "final", device: str | None = None) -> int:
+def export_run(run: RunDir, output: Path, fmt: str, checkpoint: str = "final", device: str | None = None,
+               values: str = "fp32") -> int:
     """Write a run's trained task in `fmt` (auto: the method's own); returns the bytes written.
 
     Export merges into the base as distributed (fp32), whatever dtype the run stored its base in: a delta
@@ -339,11 +340,15 @@ def export_run(run: RunDir, output: Path, fmt: str, checkpoint: str = "final", d
     The size of the method's own export of final/ is kept in the manifest, for reports.
     """
     session = restore(run, checkpoint, with_data=False, device=device, dtype="fp32")
+    written = session.method.native_format if fmt == "auto" else fmt
+    if values != "fp32" and written != "delta":
+        raise UserError(f"--values {values}: only a delta file stores sparse values; this export writes {written} "
+                        "(use --format delta)")
     base = load_model(session.recipe.model.name, HeadSpec.for_task(task_spec(session.recipe.task.name)), session.recipe.model.trust_remote_code)
     session.placement.place(base.model)
-    path = session.method.export(session.model, base, output, fmt)
+    path = session.method.export(session.model, base, output, fmt, values)
     size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    if checkpoint == "final" and fmt in ("auto", session.method.native_format):
+    if checkpoint == "final" and fmt in ("auto", session.method.native_format) and values == "fp32":
         run.update_manifest(delta={"format": session.method.native_format, "bytes": size,
                                    "recipe_fingerprint": session.recipe.fingerprint()})
     return size

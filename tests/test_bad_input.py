@@ -14,6 +14,8 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sparsetune.sparse.delta import read_delta
+
 from conftest import run_cli, write_recipe
 from test_methods import losses
 
@@ -36,12 +38,14 @@ def trained(tmp_path_factory, tiny_bert, glue_root) -> dict[str, Path]:
 
 
 def tampered_delta(trained, tmp_path: Path, change) -> Path:
-    """A copy of the trained delta with `change(tensors)` applied, header kept."""
+    """The trained delta's entries with `change(tensors)` applied, written as a version-1 file (plain int
+    indices, which any malformed index set can be)."""
     with safe_open(str(trained["delta"]), framework="pt") as handle:
-        metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+        metadata = handle.metadata()
+    tensors, _ = read_delta(trained["delta"])
     change(tensors)
     path = tmp_path / "bad-delta.safetensors"
-    save_file(tensors, str(path), metadata=metadata)
+    save_file(tensors, str(path), metadata=metadata | {"version": "1"})
     return path
 
 

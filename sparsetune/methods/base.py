@@ -158,8 +158,9 @@ class Method:
         merged = dict(self.merged(model).named_parameters())
         return {f"{n}.dense": p for n, p in merged.items() if n not in base or not torch.equal(p, base[n])}
 
-    def export(self, model: nn.Module, loaded_base: LoadedModel, out: Path, fmt: str) -> Path:
-        """Write the trained model in `fmt`; `loaded_base` is a fresh copy of the untouched base."""
+    def export(self, model: nn.Module, loaded_base: LoadedModel, out: Path, fmt: str, values: str = "fp32") -> Path:
+        """Write the trained model in `fmt`; `loaded_base` is a fresh copy of the untouched base; `values`: the
+        dtype of a delta file's sparse values (bf16 is lossy)."""
         fmt = self.native_format if fmt == "auto" else fmt
         if fmt == "merged":
             merged = self.merged(model)
@@ -169,6 +170,7 @@ class Method:
             return out
         if fmt == "delta":
             base = {n: p.detach() for n, p in loaded_base.model.named_parameters()}
-            write_delta(out, self.delta_tensors(model, base), base, loaded_base.pretrained_names, self.delta_meta())
+            write_delta(out, self.delta_tensors(model, base), base, loaded_base.pretrained_names, self.delta_meta(),
+                        values)
             return out
         raise UserError(f"export format '{fmt}' is not available for method '{self.name}' (use delta or merged)")

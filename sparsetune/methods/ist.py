@@ -261,8 +261,8 @@ class Ist(Method):
     def delta_tensors(self, model: nn.Module, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.base.delta_tensors(model, base)
 
-    def export(self, model: nn.Module, loaded_base: LoadedModel, out: Path, fmt: str) -> Path:
-        return self.base.export(model, loaded_base, out, fmt)
+    def export(self, model: nn.Module, loaded_base: LoadedModel, out: Path, fmt: str, values: str = "fp32") -> Path:
+        return self.base.export(model, loaded_base, out, fmt, values)
 
     def describe(self, loaded: LoadedModel) -> str:
         _, blocks = find_blocks(loaded.model)

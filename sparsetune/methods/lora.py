@@ -63,7 +63,7 @@ class Lora(Method):
                 for adapter in layer.scaling:
                     layer.set_scale(adapter, factor)
 
-    def export(self, model: nn.Module, loaded_base: LoadedModel, out: Path, fmt: str) -> Path:
+    def export(self, model: nn.Module, loaded_base: LoadedModel, out: Path, fmt: str, values: str = "fp32") -> Path:
         if fmt not in ("auto", "peft"):
-            return super().export(model, loaded_base, out, fmt)
+            return super().export(model, loaded_base, out, fmt, values)
         return save_adapter(model, loaded_base, out, self.delta_meta())

@@ -234,9 +234,9 @@ class Sift(Method):
                 f"({100 * k / total:.3f}% of {total:,}); task head trained densely, not counted in the budget: {head:,}")
 
     # --- export -------------------------------------------------------------------------------
-    def export(self, model: nn.Module, loaded_base: LoadedModel, out: Path, fmt: str) -> Path:
+    def export(self, model: nn.Module, loaded_base: LoadedModel, out: Path, fmt: str, values: str = "fp32") -> Path:
         if fmt != "peft":
-            return super().export(model, loaded_base, out, fmt)
+            return super().export(model, loaded_base, out, fmt, values)
         return save_adapter(self._shira_adapter(model, loaded_base), loaded_base, out, self.delta_meta())
 
     def _shira_adapter(self, model: nn.Module, loaded_base: LoadedModel) -> nn.Module:
