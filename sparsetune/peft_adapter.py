@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from sparsetune.errors import UserError
 from sparsetune.models import LoadedModel
 from sparsetune.rundir import atomic_path
-from sparsetune.sparse.delta import base_checksum
+from sparsetune.sparse.delta import base_checksum, same_base
 
 ADAPTER_META = "sparsetune.json"  # beside PEFT's own files: base model id, head, base checksums
 
@@ -41,6 +41,6 @@ def apply_adapter(base: PreTrainedModel, folder: Path, meta: dict) -> PreTrained
     """Merge an exported adapter into `base`, refusing a base whose wrapped weights differ."""
     params = dict(base.named_parameters())
     for name, expected in meta.get("base_checksums", {}).items():
-        if name not in params or base_checksum(params[name], None) != expected:
+        if name not in params or not same_base(base_checksum(params[name], None), expected):
             raise UserError(f"adapter was made for a different base model: the base values of '{name}' differ")
     return PeftModel.from_pretrained(base, str(folder)).merge_and_unload()

@@ -30,13 +30,15 @@ def test_indices_round_trip_exactly(numel, count):
     assert torch.equal(decode_indices(encoded["gaps"], encoded.get("gapx")), idx.long())
 
 
-def test_large_gaps_escape_in_both_widths():
-    idx = torch.tensor([0, 1, 300, 301, 70_000, 70_001, 2**31 + 5])  # gaps past uint8, int16 and int32
-    encoded = encode_indices(idx)
-    assert encoded["gapx"].dtype == torch.int64 and encoded["gapx"].numel() >= 2
-    assert torch.equal(decode_indices(encoded["gaps"], encoded["gapx"]), idx)
-    dense = torch.arange(0, 5000, 2)  # gaps of 1: one byte each, no escapes
-    assert encode_indices(dense)["gaps"].dtype == torch.uint8 and "gapx" not in encode_indices(dense)
+def test_the_smaller_form_is_chosen_and_large_gaps_survive():
+    dense = torch.arange(0, 5000, 2)  # gaps of 1: one byte each
+    assert encode_indices(dense)["gaps"].dtype == torch.uint8 and encode_indices(dense)["gaps"].numel() == 2500
+    runs = torch.tensor([0, 300, 600, 900])  # gaps near 300: two bytes each in uint8, as in int16
+    assert torch.equal(decode_indices(encode_indices(runs)["gaps"], None), runs)
+    huge = torch.tensor([0, 1, 70_000, 70_001, 2**31 + 5, 2**40])  # gaps past int16 and int32: escaped
+    encoded = encode_indices(huge)
+    assert encoded["gaps"].dtype == torch.int16 and encoded["gapx"].dtype == torch.int64
+    assert torch.equal(decode_indices(encoded["gaps"], encoded["gapx"]), huge)
 
 
 @pytest.mark.parametrize("share,limit", [(0.008, 6.0), (0.05, 2.0)])
@@ -52,9 +54,11 @@ def test_bytes_per_entry_at_the_default_budgets(share, limit):
 
 
 def test_decoding_refuses_inconsistent_escapes():
-    encoded = encode_indices(torch.tensor([0, 100_000]))  # one gap past both widths: escaped
+    encoded = encode_indices(torch.tensor([0, 2**40]))  # one huge gap: int16 with an escape
     with pytest.raises(Exception, match="escaped gaps"):
         decode_indices(encoded["gaps"], None)
+    with pytest.raises(Exception, match="must end"):
+        decode_indices(torch.tensor([3, 255], dtype=torch.uint8), None)
 
 
 @pytest.fixture
