@@ -70,20 +70,28 @@ def decode_indices(gaps: torch.Tensor, gapx: torch.Tensor | None) -> torch.Tenso
     return torch.cumsum(values + 1, 0) - 1
 
 
-def _pack(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The file's entries: index sets sorted (their values permuted alike) and stored as gaps."""
-    packed: dict[str, torch.Tensor] = {}
+def _sorted(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Index sets in ascending order, their values permuted alike (what the gap coding stores, and what the base
+    checksums are taken over, so that a file reads back to the entries its checksums name)."""
+    result = dict(tensors)
     for key, value in tensors.items():
         name, kind = _split(key)
-        if kind == "val":
-            continue
-        if kind not in INDEX_KINDS:
+        if kind in INDEX_KINDS:
+            order = torch.argsort(value.long())
+            result[key] = value[order]
+            if kind == "idx":
+                result[f"{name}.val"] = tensors[f"{name}.val"][order]
+    return result
+
+
+def _pack(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's entries: sorted index sets stored as gaps."""
+    packed: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if _split(key)[1] in INDEX_KINDS:
+            packed |= {f"{key}.{part}": t for part, t in encode_indices(value).items()}
+        else:
             packed[key] = value
-            continue
-        order = torch.argsort(value.long())
-        packed |= {f"{key}.{part}": t for part, t in encode_indices(value.long()[order]).items()}
-        if kind == "idx":
-            packed[f"{name}.val"] = tensors[f"{name}.val"][order]
     return packed
 
 
@@ -152,6 +160,7 @@ def write_delta(
     `values="bf16"` stores the sparse increments in bfloat16 (lossy: the header records the largest error it
     introduced); dense entries stay fp32.
     """
+    tensors = _sorted({k: v.detach().cpu() for k, v in tensors.items()})
     touched = _touched(tensors)
     header = dict(meta)
     if values == "bf16":
@@ -163,7 +172,7 @@ def write_delta(
     header["base_checksums"] = {n: base_checksum(base_params[n], i) for n, i in touched.items() if n in pretrained_names}
     with atomic_path(path) as tmp:
         save_file(
-            {k: v.detach().contiguous().cpu() for k, v in _pack({k: v.detach().cpu() for k, v in tensors.items()}).items()},
+            {k: v.contiguous() for k, v in _pack(tensors).items()},
             str(tmp),
             metadata={"format": FORMAT, "version": VERSION, "meta": json.dumps(header)},
         )
