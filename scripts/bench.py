@@ -115,6 +115,7 @@ def _setup(args: argparse.Namespace, method: str):
     labels = ids if causal else torch.randint(0, 2, (args.batch_size,), generator=gen)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     before_step = after_step = lambda *_: None  # noqa: E731
+    chosen = None  # a sparsetune method, for the rows that build one
     if method == "frozen":
         model.requires_grad_(False)
         model.enable_input_require_grads()
@@ -146,7 +147,7 @@ def _setup(args: argparse.Namespace, method: str):
         before_step = lambda step: chosen.before_step(model, step, features, pad_id)  # noqa: E731
         after_step = lambda: chosen.after_step(model)  # noqa: E731
     params = [p for p in model.parameters() if p.requires_grad]
-    return model, params, before_step, after_step, batch, method.startswith("ist")
+    return model, params, before_step, after_step, batch, getattr(chosen, "partial_gradients", False)
 
 
 def _reset_peak_rss() -> None:

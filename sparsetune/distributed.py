@@ -152,11 +152,11 @@ def allreduce_hook(state, bucket):  # no annotations: DDP checks them against th
     """
     buffer, size = bucket.buffer(), dist.get_world_size()
     slices, start = [], 0
-    for param in bucket.parameters():
-        if not state.partial or param.requires_grad:
+    for param in bucket.parameters() if state.partial else ():
+        if param.requires_grad:
             slices.append((start, start + param.numel()))
         start += param.numel()
-    if len(slices) == len(bucket.parameters()):  # the whole bucket
+    if not state.partial or len(slices) == len(bucket.parameters()):  # the whole bucket
         sent = buffer
     elif slices:
         sent = torch.cat([buffer[a:b] for a, b in slices])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -9,7 +10,7 @@ import platform
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -68,6 +69,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _writer_only(method: Callable[..., None]) -> Callable[..., None]:
+    """A RunDir write that does nothing on ranks other than the writer (rank 0)."""
+
+    @functools.wraps(method)
+    def write(self: RunDir, *args: Any, **kwargs: Any) -> None:
+        if self.writer:
+            method(self, *args, **kwargs)
+
+    return write
+
+
 def write_json(path: Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
@@ -120,35 +132,37 @@ class RunDir:
         if self.has_training_outputs() and (changed := self.changed_keys(recipe)):
             raise UserError(f"output_dir '{self.root}' holds a training run of another recipe: the recipe changed "
                             f"({', '.join(changed)}); use another output_dir, or train --force to start over")
-        if self.writer:
-            self.root.mkdir(parents=True, exist_ok=True)
-            with atomic_path(self.recipe_path) as tmp:
-                tmp.write_text(recipe.to_yaml())
-            manifest = self.manifest()
-            manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-            manifest.update(seed=recipe.seed, versions=package_versions(), recipe_fingerprint=recipe.fingerprint(),
-                            trust_remote_code=recipe.model.trust_remote_code)
-            manifest.setdefault("stages", {})
-            write_json(self.manifest_path, manifest)
+        self._write_recipe(recipe)
         world().barrier()
 
-    def update_manifest(self, **entries: Any) -> None:
-        if self.writer:
-            write_json(self.manifest_path, self.manifest() | entries)
+    @_writer_only
+    def _write_recipe(self, recipe: Recipe) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.recipe_path) as tmp:
+            tmp.write_text(recipe.to_yaml())
+        manifest = self.manifest()
+        manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        manifest.update(seed=recipe.seed, versions=package_versions(), recipe_fingerprint=recipe.fingerprint(),
+                        trust_remote_code=recipe.model.trust_remote_code)
+        manifest.setdefault("stages", {})
+        write_json(self.manifest_path, manifest)
 
+    @_writer_only
+    def update_manifest(self, **entries: Any) -> None:
+        write_json(self.manifest_path, self.manifest() | entries)
+
+    @_writer_only
     def save_tensors(self, relative: str, tensors: dict) -> None:
         """Write a safetensors file under the run (atomically; CPU tensors)."""
-        if self.writer:
-            with atomic_path(self.root / relative) as tmp:
-                save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(tmp))
+        with atomic_path(self.root / relative) as tmp:
+            save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(tmp))
 
+    @_writer_only
     def save_json(self, relative: str, data: Any) -> None:
-        if self.writer:
-            write_json(self.root / relative, data)
+        write_json(self.root / relative, data)
 
+    @_writer_only
     def record_stage(self, stage: str, fingerprint: str, **info: Any) -> None:
-        if not self.writer:
-            return
         manifest = self.manifest()
         manifest.setdefault("stages", {})[stage] = {"fingerprint": fingerprint, **info}
         write_json(self.manifest_path, manifest)
@@ -189,9 +203,8 @@ class RunDir:
     def has_training_outputs(self) -> bool:
         return any((self.root / name).exists() for name in TRAIN_OUTPUTS)
 
+    @_writer_only
     def clear_training_outputs(self) -> None:
-        if not self.writer:
-            return
         for name in TRAIN_OUTPUTS:
             _remove(self.root / name)
         manifest = self.manifest()
@@ -232,21 +245,20 @@ class RunDir:
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step}"
 
+    @_writer_only
     def prune_checkpoints(self, keep: int) -> None:
-        if not self.writer:
-            return
         for step in self.checkpoint_steps()[:-keep]:
             _remove(self.checkpoint(step))
 
+    @_writer_only
     def append_metrics(self, row: dict) -> None:
-        if not self.writer:
-            return
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
 
+    @_writer_only
     def truncate_metrics(self, step: int) -> None:
         """Drop rows logged after `step`, so a resumed run does not log them twice."""
-        if not self.writer or not self.metrics_path.is_file():
+        if not self.metrics_path.is_file():
             return
         rows = [line for line in self.metrics_path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
         with atomic_path(self.metrics_path) as tmp:

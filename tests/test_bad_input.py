@@ -201,9 +201,8 @@ def test_bad_input_is_one_line(case, tmp_path, bert_recipe, glue_root, trained, 
     assert named in errors[0]
     assert not any("entries in" in line for line in lines)  # nothing is computed before the input is checked
     assert "Traceback" not in captured.err + captured.out
-    if absent is not None:
-        assert not absent.exists()
-        assert not list(absent.parent.glob(f".{absent.name}.tmp*")) if absent.parent.exists() else True
+    if absent is not None:  # nothing at the target, not even under its temporary name
+        assert not absent.exists() and not list(absent.parent.glob(f".{absent.name}.tmp*"))
 
 
 def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, trained, capsys):

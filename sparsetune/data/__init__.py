@@ -104,7 +104,7 @@ def load_task(cfg: TaskConfig, tokenizer, max_length: int) -> TaskData:
 def loss_items(features: list[dict]) -> int:
     """What a batch's loss averages over: its examples, or for instruction data its target tokens (after the
     causal shift by one), so that batches of unequal size are weighted as one batch of all of them would be."""
-    return sum(sum(1 for t in f["labels"][1:] if t != IGNORE_INDEX) if isinstance(f["labels"], list) else 1
+    return sum(len(f["labels"]) - 1 - f["labels"][1:].count(IGNORE_INDEX) if isinstance(f["labels"], list) else 1
                for f in features)
 
 

@@ -7,8 +7,8 @@ applied to a different base.
 
 On disk (format version 2) index sets are stored sorted, as gaps (`encode_indices`): `<p>.<kind>.gaps` is a
 uint8 stream (a gap g as g // 255 bytes of 255 and a byte g % 255) or, when smaller, int16 gaps whose large
-ones are escaped into `<p>.<kind>.gapx` (int64). At the 0.8% default a SIFT entry's index costs about 1.15
-bytes instead of 4. Version 1 files (int32/int64 `.idx` and `.zero`) still load.
+ones are escaped into `<p>.<kind>.gapx` (int64). At the 0.8% default a SIFT entry's index costs about 1.3
+bytes instead of 4 (README, "The delta file"). Version 1 files (int32/int64 `.idx` and `.zero`) still load.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def check_entries(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tens
         if name not in params:
             raise UserError(f"delta touches '{name}', which the base model does not have (different base model?)")
         numel = params[name].numel()
-        if kind in ("idx", "zero"):
+        if kind in INDEX_KINDS:
             if value.dtype not in (torch.int32, torch.int64) or value.ndim != 1:
                 raise UserError(f"delta entry '{key}': expected 1-D int32/int64 flat indices, got {value.dtype} "
                                 f"of shape {tuple(value.shape)}")
