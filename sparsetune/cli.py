@@ -187,6 +187,57 @@ def apply_delta(
 
 
 @app.command()
+def predict(
+    delta: Annotated[list[str], typer.Option("--delta", help="delta file or PEFT adapter folder from export-delta, "
+                                             "as PATH or NAME=PATH (default name: the file's stem); repeat for more tasks")],
+    texts: Annotated[Optional[list[str]], typer.Argument(help="texts to predict (instructions for a causal LM)")] = None,
+    input_path: Annotated[Optional[str], typer.Option("--input", help="JSONL, TSV (with a header) or text file; "
+                                                      "- reads stdin")] = None,
+    input_format: Annotated[str, typer.Option(help="auto (by suffix; stdin: JSONL if it starts with '{'), jsonl, "
+                                              "tsv or text")] = "auto",
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="JSONL file to write; default stdout")] = None,
+    base: Annotated[Optional[str], typer.Option(help="base model; default: the one the deltas record")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
+    dtype: Annotated[str, typer.Option(help="the base's dtype: fp32, bf16 or fp16")] = "fp32",
+    batch_size: Annotated[int, typer.Option(min=1, help="inputs per forward pass")] = 32,
+    max_length: Annotated[Optional[int], typer.Option(min=1, help="tokens per input; default: the delta's "
+                                                      "training max_length")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per instruction")] = 64,
+) -> None:
+    """Predict with one or more tasks over one loaded base, switching tasks in place (rows may name a `task`;
+    rows that name none go to every task)."""
+    import json
+
+    from sparsetune.device import DTYPES, Placement, check_dtype, resolve_device
+    from sparsetune.models import HeadSpec, load_model
+    from sparsetune.predict import TaskBank, base_model_name, open_sources, plan, predict as run_predict, read_rows
+    from sparsetune.rundir import atomic_path
+
+    if dtype not in DTYPES:
+        raise unknown("--dtype", dtype, DTYPES)
+    if output is not None and output.is_dir():
+        raise UserError(f"-o: '{output}' is a folder; expected a JSONL file name")
+    sources = open_sources(delta)
+    jobs = plan(read_rows(texts or [], input_path, input_format), sources)
+    where = resolve_device(device)
+    placement = Placement(where, check_dtype(where, dtype))
+    first = next(iter(sources.values()))
+    loaded = load_model(base_model_name(sources, base), HeadSpec(**first.meta["head"]))
+    bank = TaskBank(loaded, sources, placement)
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in run_predict(bank, sources, jobs, batch_size,
+                                                                          max_new_tokens, max_length)]
+    if output is None:
+        sys.stdout.writelines(lines)
+    else:
+        with atomic_path(output) as tmp:
+            tmp.write_text("".join(lines), encoding="utf-8")
+    switches = bank.switch_seconds
+    median = f", median switch {1e3 * sorted(switches)[len(switches) // 2]:.2f} ms" if switches else ""
+    log.print(f"predict: {len(lines)} predictions from {len(sources)} task(s) on one {placement.device} base, "
+              f"{len(switches)} switch(es) in place{median}" + (f"; wrote {output}" if output else ""))
+
+
+@app.command()
 def report(
     run_dirs: Annotated[list[str], typer.Argument(help="run directories or globs, e.g. 'runs/glue/*'")],
     output: Annotated[Path, typer.Option("-o", "--output", help="folder for report.md and the PNG plots")],

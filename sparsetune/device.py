@@ -114,7 +114,7 @@ class Placement:
         model.to(self.device)
         for param in model.parameters():
             if param.is_floating_point():
-                wanted = torch.float32 if param.requires_grad or param.ndim < 2 else self.dtype
+                wanted = self.storage_dtype(param, param.requires_grad)
                 if param.dtype != wanted:
                     param.data = param.data.to(wanted)
         if self.gradient_checkpointing:
@@ -128,6 +128,10 @@ class Placement:
             else:
                 hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         return model
+
+    def storage_dtype(self, tensor: torch.Tensor, trainable: bool = False) -> torch.dtype:
+        """What `place` stores a floating-point tensor in: fp32 if it trains or is 1-D, else the run's dtype."""
+        return torch.float32 if trainable or tensor.ndim < 2 else self.dtype
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context every forward runs in: autocast to the run's dtype, or nothing in fp32."""

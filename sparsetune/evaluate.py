@@ -25,6 +25,18 @@ def _batches(features: list[dict], batch_size: int, pad_id: int, placement: Plac
 
 
 @torch.no_grad()
+def head_outputs(model: nn.Module, features: list[dict], batch_size: int, pad_id: int,
+                 placement: Placement) -> torch.Tensor:
+    """The classifier's fp32 logits for every feature, in order, shape (len(features), num_labels)."""
+    outputs = []
+    for batch in _batches(features, batch_size, pad_id, placement):
+        batch.pop("labels", None)
+        with placement.autocast():
+            outputs.append(model(**batch).logits.float().cpu())
+    return torch.cat(outputs) if outputs else torch.zeros(0, model.config.num_labels)
+
+
+@torch.no_grad()
 def evaluate_split(model: nn.Module, split: Split, spec: TaskSpec, tokenizer, batch_size: int,
                    placement: Placement) -> tuple[dict, list[dict]]:
     """(metrics, prediction rows) for one split; instruction data gives token-weighted loss and perplexity."""
@@ -43,12 +55,8 @@ def evaluate_split(model: nn.Module, split: Split, spec: TaskSpec, tokenizer, ba
             total, tokens = ranks.all_reduce_(sums).tolist()
             loss = total / tokens
             return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}, []
-        local: list = []
-        for batch in _batches(mine, batch_size, tokenizer.pad_token_id, placement):
-            batch.pop("labels")
-            with placement.autocast():
-                logits = model(**batch).logits.float()
-            local += logits.squeeze(-1).tolist() if spec.kind == "regression" else logits.argmax(-1).tolist()
+        logits = head_outputs(model, mine, batch_size, tokenizer.pad_token_id, placement)
+        local = logits.squeeze(-1).tolist() if spec.kind == "regression" else logits.argmax(-1).tolist()
         predictions: list = [None] * len(split.features)
         for rank, shard in enumerate(ranks.all_gather(local)):
             predictions[rank :: ranks.size] = shard
@@ -64,18 +72,19 @@ def generate(model: nn.Module, split: Split, tokenizer, count: int, max_new_toke
              placement: Placement) -> list[dict]:
     """Greedy generations for the first `count` held-out prompts, one at a time (no padding effects)."""
     model.eval()
-    rows = []
-    for record in split.examples[:count]:
-        prompt = prompt_text(record, tokenizer)
-        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
-        ids = placement.batch({k: ids[k] for k in ("input_ids", "attention_mask")})
-        with placement.autocast():
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        rows.append({"instruction": record.instruction, "input": record.input, "reference": record.output,
-                     "generation": text})
-    return rows
+    return [{"instruction": record.instruction, "input": record.input, "reference": record.output,
+             "generation": generate_text(model, record, tokenizer, max_new_tokens, placement)}
+            for record in split.examples[:count]]
+
+
+@torch.no_grad()
+def generate_text(model: nn.Module, record, tokenizer, max_new_tokens: int, placement: Placement) -> str:
+    """The greedy response to one record's prompt (the template training used)."""
+    ids = tokenizer(prompt_text(record, tokenizer), add_special_tokens=False, return_tensors="pt")
+    ids = placement.batch({k: ids[k] for k in ("input_ids", "attention_mask")})
+    with placement.autocast():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def evaluate(model: nn.Module, data: TaskData, tokenizer, batch_size: int, placement: Placement,

@@ -150,6 +150,7 @@ class Method:
             "base_model": self.recipe.model.name,
             "head": asdict(head),
             "task": self.recipe.task.name,
+            "max_length": self.recipe.model.max_length,  # what `predict` truncates to, as training did
             "sparsetune_version": __version__,
         }
 

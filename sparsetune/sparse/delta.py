@@ -75,7 +75,7 @@ def _sorted(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     checksums are taken over, so that a file reads back to the entries its checksums name)."""
     result = dict(tensors)
     for key, value in tensors.items():
-        name, kind = _split(key)
+        name, kind = split_key(key)
         if kind in INDEX_KINDS:
             order = torch.argsort(value.long())
             result[key] = value[order]
@@ -88,7 +88,7 @@ def _pack(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The file's entries: sorted index sets stored as gaps."""
     packed: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
-        if _split(key)[1] in INDEX_KINDS:
+        if split_key(key)[1] in INDEX_KINDS:
             packed |= {f"{key}.{part}": t for part, t in encode_indices(value).items()}
         else:
             packed[key] = value
@@ -124,7 +124,7 @@ def same_base(actual: str, expected: str) -> bool:
     return len(expected) >= CHECKSUM_CHARS and expected[:CHECKSUM_CHARS] == actual
 
 
-def _split(key: str) -> tuple[str, str]:
+def split_key(key: str) -> tuple[str, str]:
     name, _, kind = key.rpartition(".")
     if kind not in KINDS:
         raise UserError(f"delta entry '{key}': unknown kind '{kind}'")
@@ -135,7 +135,7 @@ def _touched(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]
     """Parameter name -> its touched flat indices (None for dense entries)."""
     touched: dict[str, torch.Tensor | None] = {}
     for key, value in tensors.items():
-        name, kind = _split(key)
+        name, kind = split_key(key)
         if kind in ("idx", "zero"):
             touched[name] = value
         elif kind == "dense":
@@ -209,7 +209,7 @@ def check_entries(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tens
     """Refuse a delta whose entries cannot be applied to `params`: unknown tensors, indices that are not 1-D
     integers, out of range or repeated, values that do not pair with their indices, dense entries of another shape."""
     for key, value in tensors.items():
-        name, kind = _split(key)
+        name, kind = split_key(key)
         if name not in params:
             raise UserError(f"delta touches '{name}', which the base model does not have (different base model?)")
         numel = params[name].numel()
@@ -235,18 +235,22 @@ def check_entries(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tens
                                 f"got shape {tuple(value.shape)}")
 
 
+def verify_delta(tensors: dict[str, torch.Tensor], meta: dict, params: dict[str, torch.Tensor]) -> None:
+    """Refuse malformed entries (`check_entries`) and a base whose values at the touched entries differ."""
+    check_entries(tensors, params)
+    for name, idx in _touched(tensors).items():
+        expected = meta["base_checksums"].get(name)
+        if expected is not None and not same_base(base_checksum(params[name], idx), expected):
+            raise UserError(f"delta was made for a different base model: the base values of '{name}' differ")
+
+
 @torch.no_grad()
 def apply_delta(model: torch.nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Apply in place; refuses (before changing anything) malformed entries and a base whose values differ."""
     params = dict(model.named_parameters())
-    check_entries(tensors, params)
-    touched = _touched(tensors)
-    for name, idx in touched.items():
-        expected = meta["base_checksums"].get(name)
-        if expected is not None and not same_base(base_checksum(params[name], idx), expected):
-            raise UserError(f"delta was made for a different base model: the base values of '{name}' differ")
+    verify_delta(tensors, meta, params)
     for key, value in tensors.items():
-        name, kind = _split(key)
+        name, kind = split_key(key)
         flat = params[name].data.view(-1)
         if kind == "dense":
             params[name].data.copy_(value.to(params[name].dtype))
