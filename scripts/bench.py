@@ -10,6 +10,7 @@ loading through /proc/self/clear_refs, so loading transients do not count); on a
     python scripts/bench.py --device cuda --dtype bf16 --config llama-1b --batch-size 8 --seq-len 512
     python scripts/bench.py --crossover [--device cuda --dtype bf16]   # the measurements behind grad: auto
     python scripts/bench.py --nproc 2 --model minilm-l6     # data-parallel: bytes all-reduced per optimizer step
+    python scripts/bench.py --switch --model minilm-l6      # predict: switching tasks on one loaded base
 
 With --nproc N each method runs on N ranks under torchrun (gloo on CPUs, nccl on GPUs), each rank at --batch-size,
 through sparsetune's own DDP wrapper; `allreduce_bytes_per_step` is what its communication hook sent, and memory
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,6 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--crossover", action="store_true", help="time the indexed and the dense gradient of one "
                         "weight over shapes, token counts and densities (the measurements behind grad: auto)")
     parser.add_argument("--nproc", type=int, default=1, help="ranks per method (data-parallel, under torchrun)")
+    parser.add_argument("--switch", action="store_true", help="train two tasks briefly per method (sift, zeroing at "
+                        "--budget; lora), then time switching between them on one loaded base against PEFT's "
+                        "set_adapter and loading each merged model, and check the outputs are the merged model's")
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data",
+                        help="--switch: the shared data folder (glue/, instruct/)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -69,17 +76,27 @@ def _train_settings(args: argparse.Namespace) -> dict:
 
 def _load(args: argparse.Namespace):
     """(LoadedModel, causal): the pretrained --model, or a --config model with random weights."""
-    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sparsetune.models import HeadSpec, LoadedModel, load_model, resolve
+    from sparsetune.models import LoadedModel, load_model
 
     if args.config:
         model = LlamaForCausalLM(LlamaConfig(**CONFIGS[args.config]))
         return LoadedModel(model, SimpleNamespace(pad_token_id=0), frozenset(n for n, _ in model.named_parameters())), True
-    architecture = (AutoConfig.from_pretrained(resolve(args.model), trust_remote_code=False).architectures or [""])[0]
-    causal = architecture in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()  # else: a classifier, as for GLUE
-    return load_model(args.model, HeadSpec("causal-lm") if causal else HeadSpec("sequence-classification", 2)), causal
+    head = _head(args.model)
+    return load_model(args.model, head), head.kind == "causal-lm"
+
+
+def _head(model: str):
+    """The head the bench puts on `model`: its own LM head for a causal LM, else a 2-class classifier (as SST-2)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from sparsetune.models import HeadSpec, resolve
+
+    architecture = (AutoConfig.from_pretrained(resolve(model), trust_remote_code=False).architectures or [""])[0]
+    causal = architecture in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    return HeadSpec("causal-lm") if causal else HeadSpec("sequence-classification", 2)
 
 
 def _setup(args: argparse.Namespace, method: str):
@@ -271,14 +288,138 @@ def crossover(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+SWITCH_TASKS = {"causal": [("instruct", 0), ("instruct", 1)], "classifier": [("sst2", 0), ("cola", 0)]}
+
+
+def _switch_runs(args: argparse.Namespace, causal: bool, root: Path) -> dict[str, list[Path]]:
+    """Per method, two tasks trained for 2 steps through the CLI, exported in the method's own format and merged:
+    real masks at the real budget (switching cost depends on where the entries are, not on how well they train)."""
+    methods = {"sift": {"name": "sift", "budget": args.budget, "warmup_batches": 2},
+               "zeroing": {"name": "zeroing", "budget": args.budget, "warmup_batches": 2, "criticality": "grad_norm"},
+               "lora": {"name": "lora", "r": 8}}
+    exported: dict[str, list[Path]] = {}
+    for method, settings in methods.items():
+        for task, seed in SWITCH_TASKS["causal" if causal else "classifier"]:
+            name = f"{method}-{task}-{seed}"
+            data = ({"data_file": str(args.data / "instruct" / "alpaca_en_demo.json"), "generations": 0} if causal
+                    else {"data_dir": str(args.data / "glue")})
+            recipe = root / f"{name}.yaml"
+            recipe.write_text(json.dumps({
+                "output_dir": str(root / name), "seed": seed, "model": {"name": args.model, "max_length": args.seq_len},
+                "task": {"name": task, "train_limit": 64, "eval_limit": 8} | data, "method": settings,
+                "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "eval_batch_size": 8}}))
+            out = root / (name if method == "lora" else f"{name}.safetensors")
+            for cmd in (["train", str(recipe)], ["export-delta", str(root / name), "-o", str(out)],
+                        ["apply-delta", str(out), "-o", str(root / f"{name}.merged")]):
+                done = subprocess.run([sys.executable, "-m", "sparsetune", *cmd], capture_output=True, text=True)
+                if done.returncode != 0:
+                    sys.exit(f"error: {' '.join(cmd[:2])} failed:\n{done.stderr[-2000:]}")
+            exported.setdefault(method, []).append(out)
+            print(f"{name}: trained, exported, merged", file=sys.stderr)
+    return exported
+
+
+def _median_ms(fn, repeats: int, device) -> float:
+    samples = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e3
+
+
+def switching(args: argparse.Namespace) -> list[dict]:
+    """Milliseconds to switch tasks on a loaded base, per method, against loading a merged model, with a check
+    that the switched model's logits equal the merged model's exactly."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from sparsetune.device import Placement
+    from sparsetune.models import load_model
+    from sparsetune.predict import TaskBank, open_sources
+
+    placement = Placement.from_config(SimpleNamespace(**_train_settings(args)))
+    head = _head(args.model)
+    causal = head.kind == "causal-lm"
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    root = Path(tempfile.mkdtemp(prefix="sparsetune-switch-"))
+    runs = _switch_runs(args, causal, root)  # removed at the end: runs, deltas and merged copies of the model
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 1000, (4, 32), generator=gen)
+    batch = placement.batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+    def logits(model):
+        with torch.no_grad(), placement.autocast():
+            return model(**batch).logits.float()
+
+    def load_merged(path: Path):
+        return placement.place(auto.from_pretrained(path.with_name(f"{path.name.removesuffix('.safetensors')}.merged"),
+                                                   trust_remote_code=False)
+                               .requires_grad_(False).eval())
+
+    first_ms = _median_ms(lambda: load_merged(runs["sift"][0]), 1, placement.device)  # this process's first load
+    merged_ms = _median_ms(lambda: load_merged(runs["sift"][1]), 3, placement.device)  # loads after it: warm
+    rows = []
+    for method, paths in runs.items():
+        sources = open_sources([str(p) for p in paths])
+        bank = TaskBank(load_model(args.model, head), sources, placement)
+        names = list(sources)
+        bank.use(names[0])
+        cycle = iter(names * 20)
+        switch_ms = _median_ms(lambda: bank.use(next(cycle)), 2 * len(names) * 5, placement.device)
+        identical = True
+        for name, path in zip(names, paths):
+            bank.use(name)
+            identical &= torch.equal(logits(bank.model), logits(load_merged(path)))
+        kept = [t for task in (*bank.sparse.values(), *bank.dense.values()) for ts in task.values()
+                for t in (ts if isinstance(ts, tuple) else (ts,))]
+        row = {"model": args.model, "method": method, "switch": "in place", "switch_ms": switch_ms,
+               "merged_load_ms": merged_ms, "merged_first_load_ms": first_ms, "ratio": switch_ms / merged_ms,
+               "identical_to_merged": identical,
+               "sparse_entries_per_task": sum(i.numel() for t in bank.sparse.values() for i, _, _ in t.values()) // len(names),
+               "dense_values_per_task": sum(t.numel() for task in bank.dense.values() for t in task.values()) // len(names),
+               "memory_per_task_bytes": sum(t.numel() * t.element_size() for t in kept) // len(names)}
+        rows.append(row)
+        if method == "lora":  # PEFT's own way: both adapters loaded unmerged, set_adapter between them
+            base = placement.place(load_model(args.model, head).model.requires_grad_(False).eval())
+            peft = PeftModel.from_pretrained(base, str(paths[0]), adapter_name="a")
+            peft.load_adapter(str(paths[1]), adapter_name="b")
+            placement.place(peft)
+            cycle = iter(["b", "a"] * 20)
+            peft_ms = _median_ms(lambda: peft.set_adapter(next(cycle)), 10, placement.device)
+            peft.set_adapter("a")
+            adapter = [p for n, p in peft.named_parameters() if n.endswith((".a.weight", ".b.weight", ".a.bias", ".b.bias"))]
+            rows.append(row | {"switch": "PEFT set_adapter", "switch_ms": peft_ms, "ratio": peft_ms / merged_ms,
+                               "identical_to_merged": bool(torch.equal(logits(peft), logits(load_merged(paths[0])))),
+                               "sparse_entries_per_task": 0, "dense_values_per_task": 0,
+                               "memory_per_task_bytes": sum(p.numel() * p.element_size() for p in adapter) // 2})
+    print(f"\n{args.model}, {placement.device_name()} ({placement.device}), {args.dtype}: switching between two "
+          f"tasks on one loaded base. Loading a merged model (from_pretrained): {first_ms:.0f} ms the first time in "
+          f"a process, {merged_ms:.0f} ms (median of 3) after that\n")
+    print("| method | switch | entries per task | kept per task (MB) | switch (ms) | / merged load | / first load "
+          "| logits = merged |")
+    print("|---|---|---:|---:|---:|---:|---:|:-:|")
+    for r in rows:
+        entries = f"{r['sparse_entries_per_task']:,} sparse" + (f" + {r['dense_values_per_task']:,} dense"
+                                                                 if r["dense_values_per_task"] else "")
+        print(f"| {r['method']} | {r['switch']} | {entries} | {r['memory_per_task_bytes'] / 1e6:,.1f} | "
+              f"{r['switch_ms']:.3f} | 1/{merged_ms / r['switch_ms']:,.0f} | 1/{first_ms / r['switch_ms']:,.0f} | "
+              f"{'yes' if r['identical_to_merged'] else 'no'} |")
+    shutil.rmtree(root)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
         if row := run_child(args):
             print(json.dumps(row))
         return
-    if args.crossover:
-        rows = crossover(args)
+    if args.crossover or args.switch:
+        rows = crossover(args) if args.crossover else switching(args)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2) + "\n")
         return

@@ -25,6 +25,10 @@ def test_quickstart_recipe(tmp_path):
     run = tmp_path / "qs"
     assert run_cli("train", RECIPES / "quickstart.yaml", f"output_dir={run}", *QUICK) == 0
     assert set(results(run)["metrics"]) == {"accuracy", "f1"}
+    assert run_cli("export-delta", run, "-o", tmp_path / "qs.safetensors") == 0
+    assert run_cli("predict", "--delta", tmp_path / "qs.safetensors", "a fine film", "a mess", "-o", tmp_path / "p.jsonl") == 0
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["task"], r["prediction"] in ("0", "1")) for r in rows] == [(1, "qs", True), (2, "qs", True)]
 
 
 def test_quickstart_recipe_in_bf16_with_activation_checkpointing(tmp_path):
@@ -75,3 +79,7 @@ def test_alpaca_lora_on_smollm2(tmp_path):
     assert metrics["loss"] > 0 and metrics["perplexity"] > 1
     rows = [json.loads(line) for line in (run / "eval/predictions.jsonl").read_text().splitlines()]
     assert [bool(r["generation"]) for r in rows] == [True]
+    assert run_cli("export-delta", run, "-o", tmp_path / "adapter") == 0  # a PEFT folder, merged once by predict
+    assert run_cli("predict", "--delta", tmp_path / "adapter", "Name a colour.", "--max-new-tokens", "4",
+                   "-o", tmp_path / "p.jsonl") == 0
+    assert "generation" in json.loads((tmp_path / "p.jsonl").read_text())
