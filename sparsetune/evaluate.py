@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sparsetune.data import Split, TaskData, TaskSpec, collate
-from sparsetune.data.instruct import prompt_text
+from sparsetune.data.instruct import prompt_ids
 from sparsetune.data.metrics import compute_metrics
 from sparsetune.device import Placement
 from sparsetune.distributed import world
@@ -80,8 +80,8 @@ def generate(model: nn.Module, split: Split, tokenizer, count: int, max_new_toke
 @torch.no_grad()
 def generate_text(model: nn.Module, record, tokenizer, max_new_tokens: int, placement: Placement) -> str:
     """The greedy response to one record's prompt (the template training used)."""
-    ids = tokenizer(prompt_text(record, tokenizer), add_special_tokens=False, return_tensors="pt")
-    ids = placement.batch({k: ids[k] for k in ("input_ids", "attention_mask")})
+    prompt = torch.tensor([prompt_ids(record, tokenizer)])
+    ids = placement.batch({"input_ids": prompt, "attention_mask": torch.ones_like(prompt)})
     with placement.autocast():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -120,15 +120,24 @@ def _looks_numeric(text: str) -> bool:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each dotted key. A section given by its name alone (`method.base=sift`) is the section {name: sift}:
+    dotted keys under it (`method.base.budget=0.03`) then set its fields, and naming the section's own method
+    again keeps the recipe's settings for it."""
     for item in overrides:
         path, value = parse_override(item)
         node = raw
         for part in path[:-1]:
             child = node.setdefault(part, {})
+            if isinstance(child, str):
+                child = node[part] = {"name": child}
             if not isinstance(child, dict):
                 raise UserError(f"override '{item}': '{part}' is not a section")
             node = child
-        node[path[-1]] = value
+        current = node.get(path[-1])
+        if isinstance(value, str) and isinstance(current, dict) and "name" in current:
+            node[path[-1]] = current if current["name"] == value else {"name": value}
+        else:
+            node[path[-1]] = value
     return raw
 
 

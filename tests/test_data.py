@@ -78,13 +78,45 @@ def test_instruct_labels_cover_only_the_response(tokenizer):
     tokenizer.eos_token = "[SEP]"
     record = Record("Name a colour.", "", "Blue is a colour.")
     feature = encode(record, tokenizer, 128)
-    prompt = tokenizer(prompt_text(record, tokenizer), add_special_tokens=False)["input_ids"]
+    prompt = [tokenizer.cls_token_id] + tokenizer(prompt_text(record, tokenizer), add_special_tokens=False)["input_ids"]
     response = tokenizer(record.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert feature["input_ids"] == prompt + response
     assert feature["labels"] == [IGNORE_INDEX] * len(prompt) + response
     truncated = encode(record, tokenizer, len(prompt) + 2)
     assert truncated["labels"] == [IGNORE_INDEX] * len(prompt) + response[:2]
     assert encode(record, tokenizer, len(prompt)) is None  # nothing left to learn
+
+
+def test_prompts_start_as_the_tokenizer_starts_a_text_in_training_and_generation(tokenizer):
+    """Without a chat template the prompt gets the tokens the tokenizer puts first (here [CLS], a Llama's <bos>);
+    a chat template renders its own, and nothing is added twice. Generation is prompted with the same ids."""
+    import copy
+
+    import torch
+
+    from sparsetune.evaluate import generate_text
+
+    from conftest import FP32_CPU
+
+    record = Record("Name a colour.", "", "Blue.")
+    plain = encode(record, tokenizer, 128)["input_ids"]
+    assert plain[0] == tokenizer.cls_token_id and plain.count(tokenizer.cls_token_id) == 1
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}<|assistant|>"
+    templated = encode(record, chat, 128)["input_ids"]
+    assert templated[0] != chat.cls_token_id
+    assert templated == chat(prompt_text(record, chat), add_special_tokens=False)["input_ids"] + \
+        chat(record.output, add_special_tokens=False)["input_ids"] + [chat.eos_token_id]
+
+    class Recorder(torch.nn.Module):
+        def generate(self, input_ids, **kwargs):
+            self.prompt = input_ids[0].tolist()
+            return input_ids
+
+    recorder = Recorder()
+    generate_text(recorder, record, tokenizer, 4, FP32_CPU)
+    assert recorder.prompt == plain[: len(recorder.prompt)] and len(recorder.prompt) == len(plain) - len(
+        tokenizer(record.output, add_special_tokens=False)["input_ids"]) - 1
 
 
 def test_instruct_task_reads_json_and_jsonl(tmp_path, tokenizer):

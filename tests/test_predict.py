@@ -90,7 +90,7 @@ def test_instruction_deltas_generate_the_merged_models_text(tmp_path, tiny_llama
     records = [{"instruction": f"say {w} {i}", "input": "", "output": w} for w in ["yes", "no", "maybe"] for i in range(8)]
     (tmp_path / "data.json").write_text(json.dumps(records))
     recipe = write_recipe(tmp_path / "r.yaml", output_dir=str(tmp_path / "run"), seed=0,
-                          model={"name": str(tiny_llama), "max_length": 32},
+                          model={"name": str(tiny_llama), "max_length": 64},
                           task={"name": "instruct", "data_file": str(tmp_path / "data.json"), "generations": 0,
                                 "eval_fraction": 0.25},
                           method={"name": "sift", "budget": 0.05, "warmup_batches": 1},
@@ -106,7 +106,7 @@ def test_instruction_deltas_generate_the_merged_models_text(tmp_path, tiny_llama
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     source = open_sources([str(tmp_path / "d.safetensors")])["d"]
     expected = task_predictions(model, tokenizer, Placement(torch.device("cpu"), torch.float32), source,
-                                [{"instruction": t, "input": ""} for t in ("say yes", "say no")], 8, 4, 32)
+                                [{"instruction": t, "input": ""} for t in ("say yes", "say no")], 8, 4, 64)
     assert [g["generation"] for g in got] == [e["generation"] for e in expected]
 
 

@@ -77,3 +77,18 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
 def test_cli_missing_recipe_file(capsys):
     assert run_cli("validate", "no/such/recipe.yaml") == 2
     assert "recipe file 'no/such/recipe.yaml' not found" in capsys.readouterr().err
+
+
+def test_a_section_named_on_the_command_line_takes_dotted_keys_and_keeps_its_settings(tmp_path):
+    """`method.base=sift method.base.budget=0.03` on an IST recipe: the second key sets the new base's field;
+    naming the recipe's own base again keeps the recipe's settings for it."""
+    import yaml
+
+    recipe = tmp_path / "ist.yaml"
+    recipe.write_text(yaml.safe_dump(base(method={"name": "ist", "base": {"name": "lora", "r": 4, "alpha": 32}})))
+    sift = load_recipe(recipe, ["method.base=sift", "method.base.budget=0.03"]).method.base
+    assert (sift.name, sift.budget) == ("sift", 0.03)
+    assert load_recipe(recipe, ["method.base=sift"]).method.base.budget == type(sift)().budget  # SIFT's defaults
+    lora = load_recipe(recipe, ["method.base=lora"]).method.base
+    assert (lora.name, lora.r, lora.alpha) == ("lora", 4, 32)  # the recipe's settings, not LoRA's defaults
+    assert load_recipe(recipe, ["method.base=lora", "method.base.r=2"]).method.base.r == 2

@@ -111,6 +111,48 @@ def test_straight_through_gradient_and_ramp():
     assert layer.weight.grad is None
 
 
+def test_entries_already_zero_in_the_base_never_count_to_the_budget():
+    """A dequantized checkpoint holds exact zeros; `init: magnitude` ranks them first, so they must be skipped."""
+    torch.manual_seed(0)
+    layer = nn.Linear(10, 10)
+    with torch.no_grad():
+        layer.weight.view(-1)[::10] = 0  # 10 base zeros
+    wrapped = ZeroMaskLinear(layer, k=7, init=-layer.weight.detach().abs())
+    zeroed = wrapped.zeroed()
+    assert zeroed.numel() == 7 and torch.all(layer.weight.view(-1)[zeroed] != 0)
+    nonzero = layer.weight.view(-1) != 0
+    expected = (-layer.weight.abs()).reshape(-1).masked_fill(~nonzero, float("-inf")).topk(7).indices.sort().values
+    assert torch.equal(zeroed, expected)  # the 7 smallest non-zero magnitudes
+    x = torch.randn(2, 10)
+    used = layer.weight.detach().clone().reshape(-1)
+    used[zeroed] = 0
+    assert torch.equal(wrapped(x), x @ used.view_as(layer.weight).t() + layer.bias)
+    assert int((used == 0).sum()) == 17  # the base's 10 and the budget's 7
+    assert ZeroMaskLinear(layer, k=95, init=torch.zeros_like(layer.weight)).k == 90  # never more than can change
+
+
+def test_a_delta_counts_only_entries_it_changes(bert_recipe, tmp_path, tiny_bert4, glue_root):
+    """Through the CLI on a base with 10% exact zeros in every targeted matrix: the delta's zeros are all changes."""
+    folder = tmp_path / "zeros-bert"
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert4, num_labels=2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(t in name for t in TARGETS) and name.endswith("weight"):
+                param.view(-1)[::10] = 0
+    model.base_model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (folder / name).write_bytes((tiny_bert4 / name).read_bytes())
+    recipe = bert_recipe(zeroing(criticality="grad_norm"), max_steps=2)
+    assert run_cli("train", recipe, f"model.name={folder}") == 0
+    assert run_cli("export-delta", tmp_path / "run", "-o", tmp_path / "d.safetensors") == 0
+    tensors, _ = read_delta(tmp_path / "d.safetensors")
+    base = base_params(folder)
+    zeros = {k.removesuffix(".zero"): v for k, v in tensors.items() if k.endswith(".zero")}
+    assert len(zeros) == 2 * len(TARGETS)
+    for name, idx in zeros.items():
+        assert idx.numel() == round(0.05 * base[name].numel()) and torch.all(base[name].view(-1)[idx] != 0), name
+
+
 def test_criticality_follows_its_definitions(tiny_bert4):
     loaded = load_without_dropout(tiny_bert4)
     model, batches = loaded.model, [text_batch(loaded)] * 2

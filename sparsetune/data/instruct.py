@@ -58,9 +58,23 @@ def prompt_text(record: Record, tokenizer) -> str:
     return ALPACA_TEMPLATE.format(instruction=user)
 
 
+def leading_special_ids(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text (Llama's and Gemma's <bos>, BERT's [CLS]; none for GPT-2)."""
+    ids = tokenizer("a")["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    return ids[: next((i for i, t in enumerate(ids) if t not in special), len(ids))]
+
+
+def prompt_ids(record: Record, tokenizer) -> list[int]:
+    """The prompt as the model expects it in training, evaluation and generation alike: a chat template renders
+    its own special tokens; the plain template gets the ones the tokenizer adds in front of any text."""
+    ids = tokenizer(prompt_text(record, tokenizer), add_special_tokens=False)["input_ids"]
+    return ids if getattr(tokenizer, "chat_template", None) else leading_special_ids(tokenizer) + ids
+
+
 def encode(record: Record, tokenizer, max_length: int) -> dict | None:
     """input_ids = prompt + response + eos, labels = IGNORE_INDEX over the prompt; None if nothing to learn."""
-    prompt = tokenizer(prompt_text(record, tokenizer), add_special_tokens=False)["input_ids"]
+    prompt = prompt_ids(record, tokenizer)
     response = tokenizer(record.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     input_ids = (prompt + response)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]

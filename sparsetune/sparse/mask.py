@@ -12,24 +12,26 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def top_k_zeros(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Flat indices of the k highest scores, sorted (the entries set to zero)."""
-    return scores.detach().reshape(-1).topk(k).indices.sort().values
+def top_k_zeros(scores: torch.Tensor, k: int, weight: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the k highest scores among the entries of `weight` that are not zero already, sorted (the
+    entries set to zero): zeroing an entry that is 0 in the base changes nothing, so it never counts to the budget."""
+    candidates = scores.detach().reshape(-1).masked_fill(weight.detach().reshape(-1) == 0, float("-inf"))
+    return candidates.topk(k).indices.sort().values
 
 
 class _TopKZeroMask(torch.autograd.Function):
     """m = 1 except 0 at the k highest scores; backward passes -dL/dm straight through to the scores."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, k: int) -> torch.Tensor:
+    def forward(ctx, scores: torch.Tensor, k: int, weight: torch.Tensor) -> torch.Tensor:
         mask = torch.ones_like(scores)
         if k:
-            mask.view(-1)[top_k_zeros(scores, k)] = 0
+            mask.view(-1)[top_k_zeros(scores, k, weight)] = 0
         return mask
 
     @staticmethod
     def backward(ctx, grad_mask: torch.Tensor):
-        return -grad_mask, None
+        return -grad_mask, None, None
 
 
 class ZeroMaskLinear(nn.Module):
@@ -39,15 +41,15 @@ class ZeroMaskLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
-        self.k = k  # zeros in the final mask
+        self.k = min(k, int(base_layer.weight.count_nonzero()))  # zeros the final mask adds to the base's own
         self.active_k = k  # zeros in the forward now (a ramp may start lower)
         self.scores = nn.Parameter(init.to(base_layer.weight).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = _TopKZeroMask.apply(self.scores, self.active_k)
+        mask = _TopKZeroMask.apply(self.scores, self.active_k, self.base_layer.weight)
         weight = self.base_layer.weight
         return F.linear(x, weight * mask.to(weight.dtype), self.base_layer.bias)  # a low-precision base stays so
 
     def zeroed(self) -> torch.Tensor:
         """The final mask's zeroed flat indices."""
-        return top_k_zeros(self.scores, self.k)
+        return top_k_zeros(self.scores, self.k, self.base_layer.weight)
