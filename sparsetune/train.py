@@ -54,9 +54,22 @@ def build(recipe: Recipe, run: RunDir | None, with_data: bool = True, prepare: b
     method = method_class(recipe.method.name)(recipe)  # resolves train.device first: a bad one fails before loading
     loaded = load_model(recipe.model.name, HeadSpec.for_task(task_spec(recipe.task.name)), recipe.model.trust_remote_code)
     data = load_task(recipe.task, loaded.tokenizer, recipe.model.max_length) if with_data else None
+    if data is not None and data.spec.kind == "regression":
+        start_at_label_mean(loaded, data)
     # a stage marks what it differentiates itself; until then the whole base is frozen, so it is stored in dtype
     model = method.prepare(loaded, run) if prepare else loaded.model.requires_grad_(False)
     return Session(recipe, method, loaded, method.placement.place(model), data)
+
+
+@torch.no_grad()
+def start_at_label_mean(loaded: LoadedModel, data: TaskData) -> None:
+    """A fresh regression head outputs about 0 while STS-B's labels average 2.7: at a sparse method's learning rate
+    most of training would go to learning that offset. Its output bias starts at the mean training label instead
+    (the best constant predictor), for every method alike, so training learns the relation, not the offset."""
+    mean = sum(float(e.label) for e in data.train.examples) / len(data.train.examples)
+    for name, param in loaded.model.named_parameters():
+        if name not in loaded.pretrained_names and name.endswith("bias") and param.numel() == 1:
+            param.fill_(mean)
 
 
 def with_placement(recipe: Recipe, device: str | None = None, dtype: str | None = None) -> Recipe:

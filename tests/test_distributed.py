@@ -59,8 +59,13 @@ def assert_same_training(two: Path, one: Path) -> None:
     for name in a:
         assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    # sharded evaluation predicts the whole split as one process does (up to padding's rounding); the metrics
+    # follow, amplified where predictions barely spread (a regression head that starts at the label mean)
+    predicted = [[r["prediction"] for r in map(json.loads, (run / "eval/predictions.jsonl").read_text().splitlines())]
+                 for run in (two, one)]
+    assert predicted[0] == pytest.approx(predicted[1], abs=1e-5)
     metrics = [json.loads((run / "eval/results.json").read_text())["metrics"] for run in (two, one)]
-    assert metrics[0] == pytest.approx(metrics[1], rel=1e-5, abs=1e-4)  # sharded evaluation scores the whole split
+    assert metrics[0] == pytest.approx(metrics[1], rel=1e-5, abs=1e-3)
 
 
 @pytest.mark.parametrize("method", sorted(SETTINGS))

@@ -120,3 +120,28 @@ def test_resume_without_checkpoint_starts_clean(bert_recipe, tmp_path):
     assert run_cli("train", recipe, f"output_dir={killed}", "--resume") == 0
     losses = [[r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] for run in (straight, killed)]
     assert len(losses[1]) == 4 and losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "sift", "budget": 0.05, "warmup_batches": 1},
+                                    {"name": "lora", "r": 2}])
+def test_a_regression_head_starts_at_the_mean_training_label(bert_recipe, tmp_path, glue_root, method):
+    """STS-B labels average about 2.7 (here 2.2 on the tiny files); every method's head starts there, from the
+    training split alone, so that training learns the relation and not the offset."""
+    import torch
+
+    from sparsetune.data.glue import read_glue
+    from sparsetune.recipe import load_recipe
+    from sparsetune.rundir import RunDir
+    from sparsetune.train import build
+
+    recipe = load_recipe(bert_recipe(method, task="stsb"), [])
+    run = RunDir(recipe.output_dir)
+    run.open(recipe)
+    if method["name"] == "sift":
+        assert run_cli("warmup", tmp_path / "stsb.yaml") == 0 and run_cli("select", tmp_path / "stsb.yaml") == 0
+    train, devs = read_glue("stsb", glue_root, None, None)
+    mean = sum(e.label for e in train) / len(train)
+    assert abs(mean - sum(e.label for e in devs["dev"]) / len(devs["dev"])) > 1e-3  # so the dev split would show
+    session = build(recipe, run)
+    biases = [p for n, p in session.model.named_parameters() if "classifier" in n and n.endswith("bias")]
+    assert biases and all(torch.allclose(p, torch.tensor([mean])) for p in biases)
