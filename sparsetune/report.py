@@ -300,17 +300,66 @@ def _table(runs: list[RunInfo], sizes: dict[Path, int | None]) -> list[str]:
 
 
 def _mean_row(runs: list[RunInfo]) -> list[str]:
-    """Per method, the mean of each task's primary metric over the tasks it completed (all tasks only)."""
+    """Per method, each task's primary metric (the mean over its runs: seeds) and their average over tasks
+    (when the method completed every task)."""
     tasks = sorted({r.task for r in runs})
-    by_method: dict[str, dict[str, float]] = {}
+    values: dict[str, dict[str, list[float]]] = {}
     for r in runs:
         if r.status == "complete" and r.primary in r.metrics:
-            by_method.setdefault(r.method, {})[r.task] = r.metrics[r.primary]
+            values.setdefault(r.method, {}).setdefault(r.task, []).append(r.metrics[r.primary])
+    by_method = {m: {t: mean_std(v)[0] for t, v in per_task.items()} for m, per_task in values.items()}
     lines = ["| method | " + " | ".join(tasks) + " | average |", "|" + "---|" * (len(tasks) + 2)]
     for method, scores in sorted(by_method.items()):
         cells = [f"{scores[t]:.4f}" if t in scores else "—" for t in tasks]
         average = f"{sum(scores.values()) / len(tasks):.4f}" if len(scores) == len(tasks) else "—"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {average} |")
+    return lines
+
+
+LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
+
+
+def _point_key(run: RunInfo) -> str:
+    """The recipe without output_dir and seed: runs with equal keys are seeds of one point."""
+    recipe = {k: v for k, v in run.recipe.items() if k not in ("output_dir", "seed")}
+    return json.dumps(recipe, sort_keys=True, default=str)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, var**0.5
+
+
+def _seed_table(runs: list[RunInfo]) -> list[str]:
+    """Per point with several complete seeds: each metric's mean ± std, and the primary metric against the best
+    point's: `within noise` when the mean ± std intervals overlap."""
+    points: dict[str, list[RunInfo]] = {}
+    for r in runs:
+        if r.status == "complete" and r.primary in r.metrics:
+            points.setdefault(_point_key(r), []).append(r)
+    points = {k: v for k, v in points.items() if len(v) > 1}
+    if not points:
+        return []
+    primary = next(iter(points.values()))[0].primary
+    metric_names = list(dict.fromkeys(k for group in points.values() for r in group for k in r.metrics))
+    stats = {k: {m: mean_std([r.metrics[m] for r in group if m in r.metrics]) for m in metric_names
+                 if any(m in r.metrics for r in group)} for k, group in points.items()}
+    sign = -1 if primary in LOWER_IS_BETTER else 1
+    best = max(stats, key=lambda k: sign * stats[k][primary][0])
+    low, high = stats[best][primary][0] - stats[best][primary][1], stats[best][primary][0] + stats[best][primary][1]
+    header = ["method", "budget", "lr", "seeds", *metric_names, f"{primary} vs best"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, group in sorted(points.items(), key=lambda item: -sign * stats[item[0]][primary][0]):
+        mean, std = stats[key][primary]
+        verdict = ("best" if key == best else "within noise" if mean - std <= high and mean + std >= low
+                   else f"{'below' if sign > 0 else 'above'} by {abs(mean - stats[best][primary][0]):.4f}")
+        cells = [group[0].method, group[0].budget, _fmt(group[0].recipe.get("train", {}).get("lr"), "g"),
+                 ", ".join(str(r.recipe.get("seed", "?")) for r in group),
+                 *[f"{stats[key][m][0]:.4f} ± {stats[key][m][1]:.4f}" if m in stats[key] else "—" for m in metric_names],
+                 verdict]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -329,6 +378,10 @@ def build_report(paths: list[Path], out: Path, measure_deltas: bool = True) -> P
         lines += [f"## {task}", "", *_table(group, sizes), "",
                   "time: warm-up, selection and training (evaluation not included); peak memory: the process's "
                   "peak RSS during training; delta bytes: the method's own export of final/.", ""]
+        if seeds := _seed_table(group):
+            lines += [f"### {task}: mean ± standard deviation over seeds", "", *seeds, "",
+                      "Runs that differ only in seed are one point; a point is within noise of the best when their "
+                      "mean ± std intervals overlap.", ""]
         for image in (plot_curves(task, group, out), plot_budget(task, group, out)):
             if image:
                 lines += [f"![{image}]({image})", ""]

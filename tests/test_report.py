@@ -15,10 +15,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def fake_run(root: Path, name: str, method: dict, task: str = "mrpc", metrics: dict | None = None,
-             train: dict | None = None, rows: list[dict] | None = None) -> Path:
+             train: dict | None = None, rows: list[dict] | None = None, seed: int = 0) -> Path:
     run = root / name
     (run / "eval").mkdir(parents=True)
-    recipe = {"output_dir": str(run), "seed": 0, "model": {"name": "minilm-l6", "max_length": 128},
+    recipe = {"output_dir": str(run), "seed": seed, "model": {"name": "minilm-l6", "max_length": 128},
               "task": {"name": task}, "method": method, "train": {"max_steps": 40, "lr": 1e-3}}
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     manifest = {"recipe_fingerprint": "x", "stages": {"train": train} if train else {}}
@@ -67,6 +67,26 @@ def test_report_tables_and_plots(tmp_path, capsys):
     for name in images:
         assert f"![{name}]({name})" in text
         assert (out / name).read_bytes()[:8] == PNG_MAGIC and (out / name).stat().st_size > 5000
+
+
+def test_seeds_of_one_point_are_summarised_and_overlaps_called_noise(tmp_path):
+    """Three points x three seeds: mean ± sample std per metric; a point whose interval overlaps the best's is
+    within noise, one whose interval does not is below by the gap of the means."""
+    runs = tmp_path / "runs"
+    scores = {"full": [0.80, 0.84, 0.82], "sift": [0.79, 0.81, 0.77], "lora": [0.70, 0.71, 0.72]}
+    for method, values in scores.items():
+        for seed, f1 in enumerate(values):
+            fake_run(runs, f"{method}-{seed}", {"name": method}, metrics={"f1": f1, "accuracy": f1 - 0.1},
+                     train=done(1000), seed=seed)
+    fake_run(runs, "zeroing-0", {"name": "zeroing", "layers": 0.5, "budget": 0.05}, metrics={"f1": 0.5, "accuracy": 0.4}, train=done(1000))  # one seed
+    out = tmp_path / "report"
+    assert run_cli("report", f"{runs}/*", "-o", out, "--no-measure-deltas") == 0
+    text = (out / "report.md").read_text()
+    assert "### mrpc: mean ± standard deviation over seeds" in text
+    assert "| full | — | 0.001 | 0, 1, 2 | 0.8200 ± 0.0200 | 0.7200 ± 0.0200 | best |" in text
+    assert "| sift | — | 0.001 | 0, 1, 2 | 0.7900 ± 0.0200 | 0.6900 ± 0.0200 | within noise |" in text
+    assert "| lora | — | 0.001 | 0, 1, 2 | 0.7100 ± 0.0100 | 0.6100 ± 0.0100 | below by 0.1100 |" in text
+    assert "| zeroing | 5.0% zeroed" not in text.split("over seeds")[1]  # a single-seed point has no row in the seeds table
 
 
 def test_report_of_real_run_measures_and_records_delta(bert_recipe, tmp_path, capsys):
