@@ -252,6 +252,26 @@ def report(
 
 
 @app.command()
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="sweep YAML: output_root, recipes, overrides, grid, seeds, "
+                                               "lr_selection")],
+    jobs: Annotated[int, typer.Option(min=1, help="points trained at once (one GPU each where there are several)")] = 1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list the points and their state; run nothing")] = False,
+    measure_deltas: Annotated[bool, typer.Option("--measure-deltas/--no-measure-deltas",
+                                                 help="export runs in the report whose delta size is not recorded")] = False,
+) -> None:
+    """Train every point of a grid (recipes x overrides x seeds) as its own run directory, skipping complete
+    points and resuming interrupted ones, then write `<output_root>/report/report.md`."""
+    from sparsetune.sweep import run_sweep
+
+    missing = run_sweep(sweep_file, jobs, dry_run, measure_deltas)
+    if missing:
+        log.print(f"sweep: {missing} point(s) not complete; their logs are in the sweep's logs/ folder. Run the "
+                  "sweep again to resume them")
+        sys.exit(1)
+
+
+@app.command()
 def validate(recipe_path: RecipeArg, overrides: Overrides = None) -> None:
     """Print the resolved recipe and the trainable-parameter count, without training."""
     from sparsetune.data import task_spec

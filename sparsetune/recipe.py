@@ -33,7 +33,11 @@ class TaskConfig(Strict):
     data_file: Path | None = Field(None, description="instruction data: Alpaca JSON or JSONL")
     train_limit: int | None = Field(None, gt=0, description="use only the first N training examples")
     eval_limit: int | None = Field(None, gt=0, description="use only the first N examples of each dev split")
-    eval_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share when the data has no dev split")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share when the data has no dev split, and "
+                                 "of the training data with eval_split: train_holdout")
+    eval_split: Literal["dev", "train_holdout"] = Field(
+        "dev", description="what evaluation scores: the dev split(s), or a held-out slice of the training data (the "
+        "dev files are then never read: what a sweep's learning-rate selection uses)")
     generations: int = Field(4, ge=0, description="instruction data: greedy generations written at eval")
     max_new_tokens: int = Field(64, gt=0, description="instruction data: length of each generation")
 

@@ -90,10 +90,15 @@ def load_task(cfg: TaskConfig, tokenizer, max_length: int) -> TaskData:
             _encode_records("train", train[: cfg.train_limit], tokenizer, max_length),
             [_encode_records("heldout", heldout[: cfg.eval_limit], tokenizer, max_length)],
         )
+    holdout = cfg.eval_split == "train_holdout"
     if spec.name == "rotten_tomatoes":
         train, devs = read_rotten_tomatoes(cfg.eval_fraction, cfg.train_limit, cfg.eval_limit)
     else:
-        train, devs = read_glue(spec.name, cfg.data_dir, cfg.train_limit, cfg.eval_limit)
+        train, devs = read_glue(spec.name, cfg.data_dir, cfg.train_limit, cfg.eval_limit, with_dev=not holdout)
+    if holdout:  # scored on training examples only: a second, salted hash split of the training data
+        held = [in_heldout(f"train_holdout:{e.text_a}\t{e.text_b}", cfg.eval_fraction) for e in train]
+        devs = {"train_holdout": [e for e, h in zip(train, held) if h][: cfg.eval_limit]}
+        train = [e for e, h in zip(train, held) if not h]
     return TaskData(
         spec,
         _encode_pairs("train", train, tokenizer, max_length),

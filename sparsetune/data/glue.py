@@ -137,14 +137,16 @@ def _read_hub(task: str, fmt: GlueFormat, train_limit: int | None, eval_limit: i
     return convert("train", train_limit), {k: convert(dev_names[k], eval_limit) for k, _ in fmt.dev_files}
 
 
-def read_glue(task: str, data_dir: Path | None, train_limit: int | None, eval_limit: int | None):
-    """(train examples, {dev split: examples}) for one GLUE task."""
+def read_glue(task: str, data_dir: Path | None, train_limit: int | None, eval_limit: int | None,
+              with_dev: bool = True):
+    """(train examples, {dev split: examples}) for one GLUE task; without `with_dev` the dev files stay unread."""
     fmt = GLUE[task]
     if data_dir is None:
-        return _read_hub(task, fmt, train_limit, eval_limit)
+        train, devs = _read_hub(task, fmt, train_limit, eval_limit)
+        return train, devs if with_dev else {}
     folder = _task_folder(data_dir, fmt)
     train = read_tsv(folder / "train.tsv", fmt, train_limit)
-    return train, {split: read_tsv(folder / name, fmt, eval_limit) for split, name in fmt.dev_files}
+    return train, {split: read_tsv(folder / name, fmt, eval_limit) for split, name in fmt.dev_files if with_dev}
 
 
 def packaged_file(package: str, relative: str) -> Path:

@@ -1,0 +1,271 @@
+"""`sparsetune sweep SWEEP.yaml`: a grid of ordinary runs (recipes x overrides x seeds), resumable and parallel,
+ending with `sparsetune report` over it.
+
+Every point is a run directory under `output_root`, trained by `sparsetune train ... --resume` in its own process:
+a complete point is skipped, an interrupted one continues from its newest checkpoint, so a sweep stopped at any
+moment is finished by running it again. With `lr_selection`, each grid point first trains once per learning rate
+scored on a held-out slice of the training data (`task.eval_split=train_holdout`: the dev files are never read),
+and its seeds then run at the learning rate that scored best.
+
+    output_root: runs/sweeps/mrpc
+    overrides: [task.data_dir=../shared/data/glue/MRPC]      # every point
+    recipes:
+      - recipes/glue/mrpc-sift.yaml                          # folder name: the stem
+      - {recipe: recipes/glue/mrpc-sift.yaml, name: random, overrides: [method.score=random]}
+      - {recipe: recipes/glue/mrpc-lora.yaml, grid: {method.r: [1, 4]}}
+    grid: {train.max_steps: [230]}                           # combined with each entry's own grid
+    seeds: [0, 1, 2]
+    lr_selection: {lrs: [1.0e-4, 1.0e-3], overrides: [train.max_steps=100]}   # optional
+
+Points live at `<output_root>/<name>/<grid values>/seed-<s>` (selection runs under `.../lr-selection/lr=<lr>`),
+logs at `<output_root>/logs/`, the chosen learning rates in `lr-selection.json`, the report in `report/`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from queue import Queue
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from sparsetune.console import out
+from sparsetune.errors import UserError
+from sparsetune.recipe import load_recipe, parse_override
+from sparsetune.report import LOWER_IS_BETTER, build_report, load_run
+from sparsetune.rundir import write_json
+
+SELECTION_FILE = "lr-selection.json"
+
+
+class LrSelection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lrs: list[float] = Field(min_length=2, description="learning rates to choose from")
+    seed: int = Field(0, ge=0, description="the seed of the selection runs")
+    overrides: list[str] = Field(default_factory=list, description="key=value for the selection runs only "
+                                 "(e.g. fewer steps)")
+
+
+class RecipeEntry(BaseModel):
+    """One base recipe of the sweep, with what applies to it alone."""
+
+    model_config = ConfigDict(extra="forbid")
+    recipe: Path = Field(description="the recipe file (relative to the current folder)")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.+-]+$", description="its folder name; default: the file's stem")
+    overrides: list[str] = Field(default_factory=list, description="key=value for this recipe's points")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="key: values combined with the sweep's grid")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.recipe.stem
+
+
+class SweepConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    output_root: Path = Field(description="folder of the sweep's run directories, logs and report")
+    recipes: list[RecipeEntry] = Field(min_length=1, description="base recipes: a path, or a mapping with recipe, "
+                                       "name, overrides and grid")
+    overrides: list[str] = Field(default_factory=list, description="key=value applied to every point")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="key: values; every combination is a point")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    lr_selection: LrSelection | None = None
+
+    @field_validator("recipes", mode="before")
+    @classmethod
+    def _paths_alone(cls, value):
+        return [{"recipe": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+
+
+@dataclass
+class Point:
+    """One run of the sweep: a recipe with its overrides, in its own run directory."""
+
+    name: str  # the run directory relative to output_root
+    recipe: Path
+    overrides: list[str]
+    selects_for: str | None = None  # a selection run: the grid point it chooses the lr of
+
+    def run_dir(self, root: Path) -> Path:
+        return root / self.name
+
+
+def load_sweep(path: Path) -> SweepConfig:
+    if not path.is_file():
+        raise UserError(f"sweep file '{path}' not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        config = SweepConfig.model_validate(raw)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise UserError(f"{path}: {'.'.join(map(str, err['loc'])) or 'the file'}: {err['msg']}") from None
+    entries = [o for e in config.recipes for o in e.overrides + [f"{k}=0" for k in e.grid]]
+    for item in config.overrides + [f"{k}=0" for k in config.grid] + entries + (config.lr_selection.overrides
+                                                                                  if config.lr_selection else []):
+        parse_override(item)  # a malformed key=value fails now, naming itself
+    labels = [e.label for e in config.recipes]
+    if len(set(labels)) < len(labels):
+        raise UserError(f"{path}: recipes: two entries share the folder name "
+                        f"'{next(n for n in labels if labels.count(n) > 1)}'; give one a name")
+    for recipe, _, overrides in grid_points(config):  # every point's recipe must load before anything runs
+        load_recipe(recipe, overrides)
+    return config
+
+
+def _slug(assignment: dict[str, Any]) -> str:
+    return ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in assignment.items()) or "default"
+
+
+def _override(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
+
+
+def grid_points(config: SweepConfig) -> list[tuple[Path, str, list[str]]]:
+    """(recipe, point name, overrides) for every recipe and grid combination, seeds not yet applied."""
+    points = []
+    for entry in config.recipes:
+        grid = config.grid | entry.grid
+        combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+        points += [(entry.recipe, f"{entry.label}/{_slug(combo)}",
+                    config.overrides + entry.overrides + [_override(k, v) for k, v in combo.items()])
+                   for combo in combos]
+    return points
+
+
+def selection_points(config: SweepConfig) -> list[Point]:
+    sel = config.lr_selection
+    if sel is None:
+        return []
+    return [Point(f"{name}/lr-selection/lr={lr:g}", recipe,
+                  overrides + sel.overrides + ["task.eval_split=train_holdout", f"train.lr={lr!r}", f"seed={sel.seed}"],
+                  selects_for=name)
+            for recipe, name, overrides in grid_points(config) for lr in sel.lrs]
+
+
+def final_points(config: SweepConfig, chosen: dict[str, dict]) -> list[Point]:
+    """The seeds of every grid point; under lr selection at the chosen lr (a point whose selection is not
+    complete has none yet and is left out)."""
+    points = []
+    for recipe, name, overrides in grid_points(config):
+        if config.lr_selection and chosen[name]["lr"] is None:
+            continue
+        lr = [f"train.lr={chosen[name]['lr']!r}"] if config.lr_selection else []
+        points += [Point(f"{name}/seed-{seed}", recipe, overrides + lr + [f"seed={seed}"]) for seed in config.seeds]
+    return points
+
+
+def choose_lrs(config: SweepConfig, selection: list[Point]) -> dict[str, dict]:
+    """Per grid point: the lr whose selection run scored best on the held-out training slice (None until every
+    selection run of that point is complete), the metric and every lr's score."""
+    chosen: dict[str, dict] = {}
+    for _, name, _ in grid_points(config):
+        runs = [load_run(p.run_dir(config.output_root)) for p in selection if p.selects_for == name]
+        primary = runs[0].primary if runs else None
+        scores = {str(r.recipe.get("train", {}).get("lr")): r.metrics.get(primary) for r in runs}
+        lr = None
+        if runs and all(r.status == "complete" and primary in r.metrics for r in runs):
+            sign = -1 if primary in LOWER_IS_BETTER else 1
+            lr = float(max(runs, key=lambda r: sign * r.metrics[primary]).recipe["train"]["lr"])
+        chosen[name] = {"lr": lr, "metric": primary, "split": "train_holdout", "scores": scores}
+    return chosen
+
+
+def status(point: Point, root: Path) -> str:
+    run_dir = point.run_dir(root)
+    return load_run(run_dir).status if run_dir.is_dir() else "new"
+
+
+class Runner:
+    """Runs points as `sparsetune train --resume` subprocesses, `jobs` at a time, one device slot each."""
+
+    def __init__(self, root: Path, jobs: int) -> None:
+        self.root, self.jobs = root, jobs
+        self.slots: Queue[int] = Queue()
+        for slot in range(jobs):
+            self.slots.put(slot)
+        self.gpus = _gpu_count()
+
+    def run(self, points: list[Point]) -> None:
+        todo = [p for p in points if status(p, self.root) != "complete"]
+        for p in points:
+            if p not in todo:
+                out.print(f"| {p.name} | complete (skipped) |", markup=False, highlight=False)
+        with ThreadPoolExecutor(self.jobs) as pool:
+            list(pool.map(self._run_one, todo))
+
+    def _env(self, slot: int) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.jobs > 1:  # share the cores; one GPU per job where there are several
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.jobs)))
+            if self.gpus > 1:
+                env["CUDA_VISIBLE_DEVICES"] = str(slot % self.gpus)
+        return env
+
+    def _run_one(self, point: Point) -> None:
+        slot = self.slots.get()
+        try:
+            log = self.root / "logs" / f"{point.name.replace('/', '__')}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, "-m", "sparsetune", "train", str(point.recipe), *point.overrides,
+                       f"output_dir={point.run_dir(self.root)}", "--resume"]
+            started = time.perf_counter()
+            with log.open("w") as handle:
+                code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=self._env(slot)).returncode
+            info = load_run(point.run_dir(self.root))
+            metric = f"{info.primary}={info.metrics[info.primary]:.4f}" if info.primary in info.metrics else ""
+            state = info.status if code == 0 else f"failed (exit {code}; {log})"
+            out.print(f"| {point.name} | {state} | {metric} | {time.perf_counter() - started:.0f} s |",
+                      markup=False, highlight=False)
+        finally:
+            self.slots.put(slot)
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def run_sweep(path: Path, jobs: int, dry_run: bool, measure_deltas: bool) -> int:
+    """Run (or with `dry_run` list) the sweep; returns the number of final points that are not complete."""
+    config = load_sweep(path)
+    root = config.output_root
+    selection = selection_points(config)
+    if dry_run:
+        chosen = choose_lrs(config, selection)
+        for p in selection:
+            out.print(f"{p.name}  selection  {status(p, root)}", markup=False, highlight=False)
+        for _, name, _ in grid_points(config):
+            if config.lr_selection and chosen[name]["lr"] is None:
+                out.print(f"{name}/seed-{{{','.join(map(str, config.seeds))}}}  after selection  new", markup=False)
+        for p in final_points(config, chosen):
+            out.print(f"{p.name}  final  {status(p, root)}", markup=False, highlight=False)
+        return 0
+    runner = Runner(root, jobs)
+    if selection:
+        runner.run(selection)
+        chosen = choose_lrs(config, selection)
+        write_json(root / SELECTION_FILE, chosen)
+        out.print(f"learning rates chosen on the held-out training slice: {root / SELECTION_FILE}")
+    else:
+        chosen = {}
+    finals = final_points(config, chosen)
+    runner.run(finals)
+    existing = [p.run_dir(root) for p in finals if p.run_dir(root).is_dir()]
+    if existing:
+        report = build_report(existing, root / "report", measure_deltas)
+        out.print(f"report: {report}")
+    expected = len(grid_points(config)) * len(config.seeds)
+    return expected - sum(status(p, root) == "complete" for p in finals)

@@ -1,0 +1,109 @@
+"""`sparsetune sweep`: a tiny grid runs, is skipped when complete, resumes after a kill, and selects the learning
+rate without ever reading the dev split."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from conftest import run_cli, write_recipe
+
+FAULTS = Path(__file__).parent / "faults"
+
+
+def sweep_file(tmp_path: Path, tiny_bert: Path, glue: Path, **sweep) -> Path:
+    recipe = write_recipe(tmp_path / "base.yaml", output_dir=str(tmp_path / "unused"), seed=0,
+                          model={"name": str(tiny_bert), "max_length": 32},
+                          task={"name": "sst2", "data_dir": str(glue), "eval_fraction": 0.25},
+                          method={"name": "full"},
+                          train={"max_steps": 4, "batch_size": 4, "lr": 1e-3, "eval_batch_size": 8, "save_every": 2})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"output_root": str(tmp_path / "sweep"), "recipes": [str(recipe)]} | sweep))
+    return path
+
+
+def test_a_grid_runs_then_is_skipped_and_reported(tmp_path, tiny_bert, glue_root, capsys):
+    path = sweep_file(tmp_path, tiny_bert, glue_root, grid={"train.lr": [1e-3, 1e-2]}, seeds=[0, 1])
+    assert run_cli("sweep", path, "--dry-run") == 0
+    listed = [line.split() for line in capsys.readouterr().out.splitlines()]
+    names = ["base/lr=0.001/seed-0", "base/lr=0.001/seed-1", "base/lr=0.01/seed-0", "base/lr=0.01/seed-1"]
+    assert listed == [[n, "final", "new"] for n in names]
+    assert not (tmp_path / "sweep").exists()  # a dry run writes nothing
+
+    assert run_cli("sweep", path, "--jobs", "2") == 0
+    root = tmp_path / "sweep"
+    for name in names:
+        recipe = yaml.safe_load((root / name / "recipe.yaml").read_text())
+        assert (recipe["train"]["lr"], recipe["seed"]) == ({"0.001": 1e-3, "0.01": 1e-2}[name.split("=")[1].split("/")[0]],
+                                                            int(name[-1]))
+        assert (root / name / "eval/results.json").is_file()
+    report = (root / "report/report.md").read_text()
+    assert "4 runs: 4 complete" in report and "mean ± standard deviation over seeds" in report
+    capsys.readouterr()
+    assert run_cli("sweep", path) == 0  # again: nothing to train
+    assert capsys.readouterr().out.count("complete (skipped)") == 4
+
+
+def test_an_interrupted_sweep_resumes_its_points(tmp_path, tiny_bert, glue_root, monkeypatch, capsys):
+    path = sweep_file(tmp_path, tiny_bert, glue_root, seeds=[0, 1])
+    monkeypatch.setenv("PYTHONPATH", str(FAULTS))
+    monkeypatch.setenv("SPARSETUNE_TEST_KILL", "optimizer:3")  # every point killed inside step 3
+    assert run_cli("sweep", path, "--jobs", "2") == 1
+    assert "2 point(s) not complete" in capsys.readouterr().err
+    root = tmp_path / "sweep"
+    assert all((root / f"base/default/seed-{s}/checkpoints/step-2").is_dir() for s in (0, 1))
+    monkeypatch.delenv("SPARSETUNE_TEST_KILL")
+    assert run_cli("sweep", path) == 0
+    for seed in (0, 1):
+        log = (root / "logs" / f"base__default__seed-{seed}.log").read_text()
+        assert "resumed from checkpoints/step-2" in log
+        assert json.loads((root / f"base/default/seed-{seed}/manifest.json").read_text())["stages"]["train"]["completed"]
+
+
+def test_lr_selection_scores_a_training_slice_and_never_reads_dev(tmp_path, tiny_bert, glue_root, capsys):
+    """The dev file is removed: selection must still complete (it reads training data only), and the final run,
+    which does evaluate on dev, is the one to fail."""
+    glue = tmp_path / "glue"
+    shutil.copytree(glue_root / "SST-2", glue / "SST-2")
+    (glue / "SST-2" / "dev.tsv").unlink()
+    path = sweep_file(tmp_path, tiny_bert, glue, seeds=[3], lr_selection={"lrs": [1e-4, 5e-2], "seed": 0})
+    assert run_cli("sweep", path) == 1
+    root = tmp_path / "sweep"
+    chosen = json.loads((root / "lr-selection.json").read_text())["base/default"]
+    assert chosen["split"] == "train_holdout" and chosen["metric"] == "accuracy"
+    assert set(chosen["scores"]) == {"0.0001", "0.05"} and chosen["lr"] in (1e-4, 5e-2)
+    best = max(chosen["scores"], key=chosen["scores"].get)
+    assert chosen["lr"] == float(best)
+    for lr in ("0.0001", "0.05"):
+        results = json.loads((root / f"base/default/lr-selection/lr={lr}/eval/results.json").read_text())
+        assert results["splits"] == ["train_holdout"]
+    final = yaml.safe_load((root / "base/default/seed-3/recipe.yaml").read_text())
+    assert (final["train"]["lr"], final["seed"], final["task"]["eval_split"]) == (chosen["lr"], 3, "dev")
+    assert "dev.tsv" in (root / "logs/base__default__seed-3.log").read_text()
+
+
+def test_a_bad_sweep_file_is_one_line(tmp_path, tiny_bert, glue_root, capsys):
+    path = sweep_file(tmp_path, tiny_bert, glue_root, grid={"train.lrr": [1e-3]})
+    assert run_cli("sweep", path) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.lrr" in err and len(err.splitlines()) == 1
+    path.write_text(yaml.safe_dump({"output_root": "x", "recipes": []}))
+    assert run_cli("sweep", path) == 2
+    assert "recipes" in capsys.readouterr().err
+
+
+def test_the_shipped_sweeps_list_their_points(capsys, monkeypatch):
+    """Every shipped sweep file loads with every point's recipe (run from the repository root, as documented)."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    files = sorted((root / "recipes/sweeps").glob("*.yaml"))
+    assert {f.stem for f in files} >= {"glue-sst2", "glue-mrpc", "glue-rte", "glue-cola", "glue-stsb", "budget-mrpc",
+                                       "alpaca-smollm2"}
+    for path in files:
+        assert run_cli("sweep", path.relative_to(root), "--dry-run") == 0
+        points = capsys.readouterr().out.splitlines()
+        assert points and all(line.split()[1:] == ["final", "new"] or "complete" in line for line in points), path
+    assert len(yaml.safe_load((root / "recipes/sweeps/budget-mrpc.yaml").read_text())["recipes"]) == 6
