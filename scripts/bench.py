@@ -183,6 +183,18 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _median_ms(fn, repeats: int, device) -> float:
+    """Median milliseconds of `repeats` calls of `fn`, each fenced by a device sync."""
+    samples = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e3
+
+
 def run_child(args: argparse.Namespace) -> dict:
     import torch
 
@@ -261,15 +273,8 @@ def crossover(args: argparse.Namespace) -> list[dict]:
                 timed = {}
                 for name, fn in (("indexed", lambda: sampled_weight_grad(dy, x, crow, col)),
                                  ("dense", lambda: (dy.t() @ x).view(-1)[idx].float())):
-                    fn()
-                    samples = []
-                    for _ in range(max(3, args.steps)):
-                        _sync(device)
-                        start = time.perf_counter()
-                        fn()
-                        _sync(device)
-                        samples.append(time.perf_counter() - start)
-                    timed[name] = statistics.median(samples) * 1e3
+                    fn()  # untimed: the first call allocates
+                    timed[name] = _median_ms(fn, max(3, args.steps), device)
                 rows.append({"tokens": tokens, "shape": [out_f, in_f], "density": density, "indexed_ms": timed["indexed"],
                              "dense_ms": timed["dense"], "device": str(device), "device_name": placement.device_name(),
                              "dtype": args.dtype})
@@ -319,17 +324,6 @@ def _switch_runs(args: argparse.Namespace, causal: bool, root: Path) -> dict[str
     return exported
 
 
-def _median_ms(fn, repeats: int, device) -> float:
-    samples = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
-
-
 def switching(args: argparse.Namespace) -> list[dict]:
     """Milliseconds to switch tasks on a loaded base, per method, against loading a merged model, with a check
     that the switched model's logits equal the merged model's exactly."""
@@ -374,8 +368,8 @@ def switching(args: argparse.Namespace) -> list[dict]:
         for name, path in zip(names, paths):
             bank.use(name)
             identical &= torch.equal(logits(bank.model), logits(load_merged(path)))
-        kept = [t for task in (*bank.sparse.values(), *bank.dense.values()) for ts in task.values()
-                for t in (ts if isinstance(ts, tuple) else (ts,))]
+        kept = [t for task in bank.sparse.values() for entry in task.values() for t in entry] + \
+            [t for task in bank.dense.values() for t in task.values()]
         row = {"model": args.model, "method": method, "switch": "in place", "switch_ms": switch_ms,
                "merged_load_ms": merged_ms, "merged_first_load_ms": first_ms, "ratio": switch_ms / merged_ms,
                "identical_to_merged": identical,

@@ -207,9 +207,10 @@ def predict(
     """Predict with one or more tasks over one loaded base, switching tasks in place (rows may name a `task`;
     rows that name none go to every task)."""
     import json
+    import statistics
 
     from sparsetune.device import DTYPES, Placement, check_dtype, resolve_device
-    from sparsetune.models import HeadSpec, load_model
+    from sparsetune.models import load_model
     from sparsetune.predict import TaskBank, base_model_name, open_sources, plan, predict as run_predict, read_rows
     from sparsetune.rundir import atomic_path
 
@@ -222,7 +223,7 @@ def predict(
     where = resolve_device(device)
     placement = Placement(where, check_dtype(where, dtype))
     first = next(iter(sources.values()))
-    loaded = load_model(base_model_name(sources, base), HeadSpec(**first.meta["head"]))
+    loaded = load_model(base_model_name(sources, base), first.head)
     bank = TaskBank(loaded, sources, placement)
     lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in run_predict(bank, sources, jobs, batch_size,
                                                                           max_new_tokens, max_length)]
@@ -232,7 +233,7 @@ def predict(
         with atomic_path(output) as tmp:
             tmp.write_text("".join(lines), encoding="utf-8")
     switches = bank.switch_seconds
-    median = f", median switch {1e3 * sorted(switches)[len(switches) // 2]:.2f} ms" if switches else ""
+    median = f", median switch {1e3 * statistics.median(switches):.2f} ms" if switches else ""
     log.print(f"predict: {len(lines)} predictions from {len(sources)} task(s) on one {placement.device} base, "
               f"{len(switches)} switch(es) in place{median}" + (f"; wrote {output}" if output else ""))
 

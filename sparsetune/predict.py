@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from sparsetune.console import progress
-from sparsetune.data.glue import GLUE
+from sparsetune.data.glue import GLUE, GlueFormat
 from sparsetune.data.instruct import Record
 from sparsetune.device import Placement
 from sparsetune.errors import UserError, unknown
@@ -59,23 +59,25 @@ class TaskSource:
         return head.kind if head.kind == "causal-lm" else "regression" if head.num_labels == 1 else "classification"
 
     @property
+    def glue(self) -> GlueFormat | None:
+        """The GLUE task the delta was trained on, if it was one."""
+        return GLUE.get(self.meta.get("task", ""))
+
+    @property
     def labels(self) -> list[str]:
         """Label names in id order: the GLUE task's own, else the ids as strings."""
-        glue = GLUE.get(self.meta.get("task", ""))
-        if glue is not None and glue.labels is not None and len(glue.labels) == self.head.num_labels:
-            return list(glue.labels)
+        if self.glue is not None and self.glue.labels is not None and len(self.glue.labels) == self.head.num_labels:
+            return list(self.glue.labels)
         return [str(i) for i in range(self.head.num_labels)]
 
     @property
     def text_columns(self) -> tuple[str, ...]:
         """The GLUE task's named text columns (so its own TSV files predict as they are), else none."""
-        glue = GLUE.get(self.meta.get("task", ""))
-        return tuple(c for c in glue.text_cols if isinstance(c, str)) if glue else ()
+        return tuple(c for c in self.glue.text_cols if isinstance(c, str)) if self.glue else ()
 
     @property
     def takes_pair(self) -> bool:
-        glue = GLUE.get(self.meta.get("task", ""))
-        return glue is not None and len(glue.text_cols) == 2
+        return self.glue is not None and len(self.glue.text_cols) == 2
 
     @property
     def max_length(self) -> int:
@@ -129,8 +131,7 @@ class TaskBank:
         self.dense: dict[str, dict[str, torch.Tensor]] = {}
         for name, source in progress(sources.items(), "loading tasks", total=len(sources)):
             self._add(name, source)
-        placement.place(self.model)
-        self.params = dict(self.model.named_parameters())
+        placement.place(self.model)  # swaps each parameter's data, so `self.params` still names the placed ones
         self.base_dense = {n: self.params[n].data for task in self.dense.values() for n in task}
         for task in self.sparse.values():
             for n, (idx, base, values) in task.items():
@@ -158,7 +159,7 @@ class TaskBank:
             merged_copy = copy.deepcopy(self.model)
             for n, param in merged_copy.named_parameters():
                 if n in self.head_names:
-                    param.data = params[n].clone()
+                    param.data = params[n]  # a fresh tensor of the task's head shape
             merged = apply_adapter(merged_copy, source.path, source.meta)
             for n, param in merged.named_parameters():
                 if n not in params:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import statistics
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,15 +235,22 @@ def plot_ist(run: RunInfo, out: Path) -> str | None:
     return _save(fig, out / f"ist-{run.name}.png")
 
 
-def _curve_key(run: RunInfo) -> str:
-    """The recipe without output_dir and budget keys: runs with equal keys differ only in budget."""
-    recipe = json.loads(json.dumps(run.recipe))
-    recipe.pop("output_dir", None)
+def _recipe_key(run: RunInfo, top: tuple[str, ...] = ("output_dir",), method: tuple[str, ...] = ()) -> str:
+    """The recipe without the `top` keys and the `method` keys (IST's base's too): runs with equal keys differ
+    only in those."""
+    recipe = json.loads(json.dumps(run.recipe, default=str))
+    for key in top:
+        recipe.pop(key, None)
     for section in (recipe.get("method", {}), recipe.get("method", {}).get("base", {})):
         if isinstance(section, dict):
-            for key in BUDGET_KEYS:
+            for key in method:
                 section.pop(key, None)
     return json.dumps(recipe, sort_keys=True)
+
+
+def _curve_key(run: RunInfo) -> str:
+    """Runs with equal keys differ only in budget: the points of one budget curve."""
+    return _recipe_key(run, method=BUDGET_KEYS)
 
 
 def plot_budget(task: str, runs: list[RunInfo], out: Path) -> str | None:
@@ -307,7 +315,7 @@ def _mean_row(runs: list[RunInfo]) -> list[str]:
     for r in runs:
         if r.status == "complete" and r.primary in r.metrics:
             values.setdefault(r.method, {}).setdefault(r.task, []).append(r.metrics[r.primary])
-    by_method = {m: {t: mean_std(v)[0] for t, v in per_task.items()} for m, per_task in values.items()}
+    by_method = {m: {t: statistics.fmean(v) for t, v in per_task.items()} for m, per_task in values.items()}
     lines = ["| method | " + " | ".join(tasks) + " | average |", "|" + "---|" * (len(tasks) + 2)]
     for method, scores in sorted(by_method.items()):
         cells = [f"{scores[t]:.4f}" if t in scores else "—" for t in tasks]
@@ -320,16 +328,13 @@ LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
 
 
 def _point_key(run: RunInfo) -> str:
-    """The recipe without output_dir and seed: runs with equal keys are seeds of one point."""
-    recipe = {k: v for k, v in run.recipe.items() if k not in ("output_dir", "seed")}
-    return json.dumps(recipe, sort_keys=True, default=str)
+    """Runs with equal keys differ only in seed: one point of a sweep."""
+    return _recipe_key(run, top=("output_dir", "seed"))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return mean, var**0.5
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _seed_table(runs: list[RunInfo]) -> list[str]:

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sparsetune.console import out
 from sparsetune.errors import UserError
-from sparsetune.recipe import load_recipe, parse_override
+from sparsetune.recipe import load_recipe
 from sparsetune.report import LOWER_IS_BETTER, build_report, load_run
 from sparsetune.rundir import write_json
 
@@ -111,16 +111,15 @@ def load_sweep(path: Path) -> SweepConfig:
     except ValidationError as exc:
         err = exc.errors()[0]
         raise UserError(f"{path}: {'.'.join(map(str, err['loc'])) or 'the file'}: {err['msg']}") from None
-    entries = [o for e in config.recipes for o in e.overrides + [f"{k}=0" for k in e.grid]]
-    for item in config.overrides + [f"{k}=0" for k in config.grid] + entries + (config.lr_selection.overrides
-                                                                                  if config.lr_selection else []):
-        parse_override(item)  # a malformed key=value fails now, naming itself
     labels = [e.label for e in config.recipes]
     if len(set(labels)) < len(labels):
         raise UserError(f"{path}: recipes: two entries share the folder name "
                         f"'{next(n for n in labels if labels.count(n) > 1)}'; give one a name")
-    for recipe, _, overrides in grid_points(config):  # every point's recipe must load before anything runs
+    # every point's recipe, with all its overrides (selection runs' too), must load before anything runs
+    for recipe, _, overrides in grid_points(config):
         load_recipe(recipe, overrides)
+    for point in selection_points(config)[:: len(config.lr_selection.lrs)] if config.lr_selection else []:
+        load_recipe(point.recipe, point.overrides)
     return config
 
 

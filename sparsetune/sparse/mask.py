@@ -12,21 +12,23 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def top_k_zeros(scores: torch.Tensor, k: int, weight: torch.Tensor) -> torch.Tensor:
-    """Flat indices of the k highest scores among the entries of `weight` that are not zero already, sorted (the
-    entries set to zero): zeroing an entry that is 0 in the base changes nothing, so it never counts to the budget."""
-    candidates = scores.detach().reshape(-1).masked_fill(weight.detach().reshape(-1) == 0, float("-inf"))
-    return candidates.topk(k).indices.sort().values
+def top_k_zeros(scores: torch.Tensor, k: int, excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """Flat indices of the k highest scores, sorted (the entries set to zero), never at `excluded` entries (those
+    already zero in the base: zeroing them changes nothing, so they never count to the budget)."""
+    flat = scores.detach().reshape(-1)
+    if excluded is not None:
+        flat = flat.masked_fill(excluded.reshape(-1), float("-inf"))
+    return flat.topk(k).indices.sort().values
 
 
 class _TopKZeroMask(torch.autograd.Function):
     """m = 1 except 0 at the k highest scores; backward passes -dL/dm straight through to the scores."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, k: int, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, scores: torch.Tensor, k: int, excluded: torch.Tensor | None) -> torch.Tensor:
         mask = torch.ones_like(scores)
         if k:
-            mask.view(-1)[top_k_zeros(scores, k, weight)] = 0
+            mask.view(-1)[top_k_zeros(scores, k, excluded)] = 0
         return mask
 
     @staticmethod
@@ -41,15 +43,18 @@ class ZeroMaskLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
-        self.k = min(k, int(base_layer.weight.count_nonzero()))  # zeros the final mask adds to the base's own
-        self.active_k = k  # zeros in the forward now (a ramp may start lower)
+        base_zero = base_layer.weight.detach() == 0  # found once: the base never changes
+        self.k = min(k, base_zero.numel() - int(base_zero.sum()))  # zeros the final mask adds to the base's own
+        self.active_k = self.k  # zeros in the forward now (a ramp may start lower)
         self.scores = nn.Parameter(init.to(base_layer.weight).clone())
+        # kept only when there are any (dequantized checkpoints); moves with the module, never saved
+        self.register_buffer("base_zero", base_zero if base_zero.any() else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = _TopKZeroMask.apply(self.scores, self.active_k, self.base_layer.weight)
+        mask = _TopKZeroMask.apply(self.scores, self.active_k, self.base_zero)
         weight = self.base_layer.weight
         return F.linear(x, weight * mask.to(weight.dtype), self.base_layer.bias)  # a low-precision base stays so
 
     def zeroed(self) -> torch.Tensor:
         """The final mask's zeroed flat indices."""
-        return top_k_zeros(self.scores, self.k, self.base_layer.weight)
+        return top_k_zeros(self.scores, self.k, self.base_zero)
