@@ -15,7 +15,7 @@ and its seeds then run at the learning rate that scored best.
       - {recipe: recipes/glue/mrpc-lora.yaml, grid: {method.r: [1, 4]}}
     grid: {train.max_steps: [230]}                           # combined with each entry's own grid
     seeds: [0, 1, 2]
-    lr_selection: {lrs: [1.0e-4, 1.0e-3], overrides: [train.max_steps=100]}   # optional
+    lr_selection: {lrs: [1.0e-4, 1.0e-3], overrides: [train.max_steps=100]}   # optional; or factors: [0.3, 1, 3]
 
 Points live at `<output_root>/<name>/<grid values>/seed-<s>` (selection runs under `.../lr-selection/lr=<lr>`),
 logs at `<output_root>/logs/`, the chosen learning rates in `lr-selection.json`, the report in `report/`.
@@ -49,7 +49,9 @@ SELECTION_FILE = "lr-selection.json"
 
 class LrSelection(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    lrs: list[float] = Field(min_length=2, description="learning rates to choose from")
+    lrs: list[float] | None = Field(None, min_length=2, description="learning rates to choose from")
+    factors: list[float] | None = Field(None, min_length=2, description="or multiples of each point's own lr: "
+                                        "methods whose good lrs lie decades apart share one sweep")
     seed: int = Field(0, ge=0, description="the seed of the selection runs")
     overrides: list[str] = Field(default_factory=list, description="key=value for the selection runs only "
                                  "(e.g. fewer steps)")
@@ -83,6 +85,13 @@ class SweepConfig(BaseModel):
     @classmethod
     def _paths_alone(cls, value):
         return [{"recipe": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+
+    @field_validator("lr_selection")
+    @classmethod
+    def _lrs_or_factors(cls, value):
+        if value is not None and (value.lrs is None) == (value.factors is None):
+            raise ValueError("give exactly one of lrs and factors")
+        return value
 
 
 @dataclass
@@ -118,7 +127,7 @@ def load_sweep(path: Path) -> SweepConfig:
     # every point's recipe, with all its overrides (selection runs' too), must load before anything runs
     for recipe, _, overrides in grid_points(config):
         load_recipe(recipe, overrides)
-    for point in selection_points(config)[:: len(config.lr_selection.lrs)] if config.lr_selection else []:
+    for point in selection_points(config):
         load_recipe(point.recipe, point.overrides)
     return config
 
@@ -147,10 +156,13 @@ def selection_points(config: SweepConfig) -> list[Point]:
     sel = config.lr_selection
     if sel is None:
         return []
-    return [Point(f"{name}/lr-selection/lr={lr:g}", recipe,
-                  overrides + sel.overrides + ["task.eval_split=train_holdout", f"train.lr={lr!r}", f"seed={sel.seed}"],
-                  selects_for=name)
-            for recipe, name, overrides in grid_points(config) for lr in sel.lrs]
+    points = []
+    for recipe, name, overrides in grid_points(config):
+        own = load_recipe(recipe, overrides).train.lr if sel.factors else 0.0
+        lrs = sel.lrs or [float(f"{f * own:.10g}") for f in sel.factors]  # 0.3 * 1e-3 is 0.0003, not ...03
+        points += [Point(f"{name}/lr-selection/lr={lr:g}", recipe, overrides + sel.overrides + [
+            "task.eval_split=train_holdout", f"train.lr={lr!r}", f"seed={sel.seed}"], selects_for=name) for lr in lrs]
+    return points
 
 
 def final_points(config: SweepConfig, chosen: dict[str, dict]) -> list[Point]:

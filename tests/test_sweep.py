@@ -85,6 +85,16 @@ def test_lr_selection_scores_a_training_slice_and_never_reads_dev(tmp_path, tiny
     assert "dev.tsv" in (root / "logs/base__default__seed-3.log").read_text()
 
 
+def test_lr_factors_scale_each_points_own_lr(tmp_path, tiny_bert, glue_root, capsys):
+    path = sweep_file(tmp_path, tiny_bert, glue_root, lr_selection={"factors": [0.3, 3]},
+                      recipes=[{"recipe": str(tmp_path / "base.yaml"), "name": "a"},
+                               {"recipe": str(tmp_path / "base.yaml"), "name": "b", "overrides": ["train.lr=5e-5"]}])
+    assert run_cli("sweep", path, "--dry-run") == 0
+    selection = [line.split()[0] for line in capsys.readouterr().out.splitlines() if "selection" in line.split()[1:2]]
+    assert selection == ["a/default/lr-selection/lr=0.0003", "a/default/lr-selection/lr=0.003",
+                         "b/default/lr-selection/lr=1.5e-05", "b/default/lr-selection/lr=0.00015"]
+
+
 def test_a_bad_sweep_file_is_one_line(tmp_path, tiny_bert, glue_root, capsys):
     path = sweep_file(tmp_path, tiny_bert, glue_root, grid={"train.lrr": [1e-3]})
     assert run_cli("sweep", path) == 2
@@ -93,6 +103,9 @@ def test_a_bad_sweep_file_is_one_line(tmp_path, tiny_bert, glue_root, capsys):
     path.write_text(yaml.safe_dump({"output_root": "x", "recipes": []}))
     assert run_cli("sweep", path) == 2
     assert "recipes" in capsys.readouterr().err
+    path = sweep_file(tmp_path, tiny_bert, glue_root, lr_selection={"lrs": [1e-3, 1e-2], "factors": [1, 2]})
+    assert run_cli("sweep", path) == 2
+    assert "exactly one of lrs and factors" in capsys.readouterr().err
 
 
 def test_the_shipped_sweeps_list_their_points(capsys, monkeypatch):
@@ -105,5 +118,5 @@ def test_the_shipped_sweeps_list_their_points(capsys, monkeypatch):
     for path in files:
         assert run_cli("sweep", path.relative_to(root), "--dry-run") == 0
         points = capsys.readouterr().out.splitlines()
-        assert points and all(line.split()[1:] == ["final", "new"] or "complete" in line for line in points), path
+        assert points and {line.split()[1] for line in points} <= {"final", "selection", "after"}, path
     assert len(yaml.safe_load((root / "recipes/sweeps/budget-mrpc.yaml").read_text())["recipes"]) == 6
