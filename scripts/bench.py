@@ -11,6 +11,8 @@ loading through /proc/self/clear_refs, so loading transients do not count); on a
     python scripts/bench.py --crossover [--device cuda --dtype bf16]   # the measurements behind grad: auto
     python scripts/bench.py --nproc 2 --model minilm-l6     # data-parallel: bytes all-reduced per optimizer step
     python scripts/bench.py --switch --model minilm-l6      # predict: switching tasks on one loaded base
+    python scripts/bench.py --rss --checkout /tmp/before --checkout .   # resident memory of whole training runs
+    python scripts/bench.py --packing --model smollm2-135m --batch-size 4 --seq-len 512   # task.packing's tokens/s
 
 With --nproc N each method runs on N ranks under torchrun (gloo on CPUs, nccl on GPUs), each rank at --batch-size,
 through sparsetune's own DDP wrapper; `allreduce_bytes_per_step` is what its communication hook sent, and memory
@@ -63,7 +65,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--budget; lora), then time switching between them on one loaded base against PEFT's "
                         "set_adapter and loading each merged model, and check the outputs are the merged model's")
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data",
-                        help="--switch: the shared data folder (glue/, instruct/)")
+                        help="--switch, --rss, --packing: the shared data folder (glue/, instruct/)")
+    parser.add_argument("--rss", action="store_true", help="resident memory of `sparsetune train` runs (the quick "
+                        "start; SST-2 SIFT at batch 32 x 64, 200 steps), sampled as they train, in each --checkout")
+    parser.add_argument("--checkout", type=Path, action="append", help="--rss: a sparsetune checkout to run from "
+                        "(repeat to compare commits in one run; default: this one)")
+    parser.add_argument("--jobs", default="quickstart,sst2", help="--rss: comma-separated subset of quickstart,sst2")
+    parser.add_argument("--packing", action="store_true", help="training tokens per second on the Alpaca data "
+                        "with task.packing against without (--model, --batch-size rows of --seq-len, --steps)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -106,6 +115,7 @@ def _setup(args: argparse.Namespace, method: str):
     """
     import torch
 
+    from sparsetune.data import Split
     from sparsetune.methods import method_class
     from sparsetune.recipe import build_recipe
     from sparsetune.rundir import RunDir
@@ -152,16 +162,17 @@ def _setup(args: argparse.Namespace, method: str):
         chosen = method_class(settings["name"])(recipe(settings))
         run = RunDir(chosen.recipe.output_dir, writer=True)  # each rank's own scratch run
         run.open(chosen.recipe)
-        features = [{"input_ids": ids[i].tolist(), "attention_mask": [1] * args.seq_len,
-                     "labels": labels[i].tolist()} for i in range(args.batch_size)] * 16
-        data = SimpleNamespace(train=SimpleNamespace(features=features))  # warm-up batches from the bench batch
+        train = Split.from_columns("train", {"input_ids": ids.tolist() * 16,
+                                             "attention_mask": [[1] * args.seq_len] * (16 * args.batch_size),
+                                             "labels": labels.tolist() * 16})
+        data = SimpleNamespace(train=train)  # warm-up batches from the bench batch
         staged = getattr(chosen, "base", chosen)  # IST times its own sampling, not its warm-up
         staged.placement.place(model)  # the stages compute on the device too; the wrapped model is placed again
         for stage in staged.stages:
             getattr(staged, stage)(loaded, data, run)
         model = chosen._wrap(loaded, run) if method.startswith("ist") else chosen.prepare(loaded, run)
         pad_id = loaded.tokenizer.pad_token_id
-        before_step = lambda step: chosen.before_step(model, step, features, pad_id)  # noqa: E731
+        before_step = lambda step: chosen.before_step(model, step, train, pad_id)  # noqa: E731
         after_step = lambda: chosen.after_step(model)  # noqa: E731
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params, before_step, after_step, batch, getattr(chosen, "partial_gradients", False)
@@ -406,14 +417,113 @@ def switching(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _rss_jobs(args: argparse.Namespace) -> dict[str, list[str]]:
+    sst2 = args.data / "glue" / "SST-2"
+    return {"quickstart": ["recipes/quickstart.yaml"],
+            "sst2": ["recipes/glue/sst2-sift.yaml", f"task.data_dir={sst2}", "model.max_length=64",
+                     "train.batch_size=32", "train.max_steps=200", "train.eval_every=200", "train.log_every=10"]}
+
+
+def _status_kib(pid: int, field: str) -> int | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith(field + ":")), None)
+
+
+def rss_profile(args: argparse.Namespace) -> list[dict]:
+    """Peak RSS of whole `sparsetune train` runs (loading, warm-up, selection, training, evaluation) and the RSS at
+    each logged training step, polled from /proc every 50 ms: the peak is what a user must have free, and the
+    first-to-last logged step is whether training itself holds on to more as it goes."""
+    jobs = _rss_jobs(args)
+    rows = []
+    for checkout in args.checkout or [Path(__file__).resolve().parents[1]]:
+        for job in args.jobs.split(","):
+            with tempfile.TemporaryDirectory() as tmp:
+                run = Path(tmp) / "run"
+                cmd = [sys.executable, "-m", "sparsetune", "train", *jobs[job], f"output_dir={run}", "--force"]
+                started = time.perf_counter()
+                proc = subprocess.Popen(cmd, cwd=checkout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                peak, by_step, seen = 0, {}, 0
+                while proc.poll() is None:
+                    peak = max(peak, _status_kib(proc.pid, "VmHWM") or 0)
+                    metrics = run / "metrics.jsonl"
+                    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+                    for line in lines[seen:]:
+                        step = json.loads(line)
+                        if "loss" in step:
+                            by_step[step["step"]] = _status_kib(proc.pid, "VmRSS") or 0
+                    seen = len(lines)
+                    time.sleep(0.05)
+                if proc.returncode != 0:
+                    sys.exit(f"error: {job} in {checkout} failed:\n{proc.stderr.read()[-2000:]}")
+                results = json.loads((run / "eval" / "results.json").read_text())
+                steps = sorted(by_step)
+                rows.append({"checkout": str(checkout), "job": job, "peak_rss_mib": round(peak / 1024),
+                             "first_logged_step": steps[0], "rss_first_mib": round(by_step[steps[0]] / 1024),
+                             "last_logged_step": steps[-1], "rss_last_mib": round(by_step[steps[-1]] / 1024),
+                             "wall_s": round(time.perf_counter() - started, 1), "metrics": results["metrics"]})
+                r = rows[-1]
+                print(f"{checkout} {job}: peak {r['peak_rss_mib']:,} MiB; step {r['first_logged_step']} "
+                      f"{r['rss_first_mib']:,} MiB -> step {r['last_logged_step']} {r['rss_last_mib']:,} MiB; "
+                      f"{r['wall_s']} s", file=sys.stderr)
+    print("\n| checkout | run | peak RSS (MiB) | RSS at first logged step | at last | wall (s) | dev metrics |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items())
+        print(f"| {r['checkout']} | {r['job']} | {r['peak_rss_mib']:,} | {r['rss_first_mib']:,} (step "
+              f"{r['first_logged_step']}) | {r['rss_last_mib']:,} (step {r['last_logged_step']}) | {r['wall_s']} | "
+              f"{metrics} |")
+    return rows
+
+
+def packing_throughput(args: argparse.Namespace) -> list[dict]:
+    """Tokens (not padding) trained per second through `sparsetune train` with and without task.packing, LoRA on
+    the 52k Alpaca records: the median of per-step rates after 2 untimed steps, in one process each. Unpacked
+    batches pad every row to the longest; packed rows are full, so the same compute trains more tokens."""
+    data = args.data / "instruct" / "alpaca_52k_en.json.gz"
+    rows = []
+    for packing in (False, True):
+        with tempfile.TemporaryDirectory() as tmp:
+            run = Path(tmp) / "run"
+            steps = args.steps + 2
+            cmd = [sys.executable, "-m", "sparsetune", "train", "recipes/instruct/alpaca-lora.yaml",
+                   f"model.name={args.model}", f"model.max_length={args.seq_len}", f"task.data_file={data}",
+                   f"task.packing={str(packing).lower()}", "task.eval_limit=16", "task.generations=0",
+                   f"train.batch_size={args.batch_size}", "train.grad_accum=1", f"train.max_steps={steps}",
+                   f"train.eval_every={steps}", "train.log_every=1", f"train.device={args.device}",
+                   f"train.dtype={args.dtype}", f"output_dir={run}"]
+            done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"error: packing={packing} failed:\n{done.stderr[-2000:]}")
+            logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            timed = [r for r in logged if "tokens_per_s" in r and r["step"] > 2]
+            rows.append({"packing": packing, "model": args.model, "rows_per_batch": args.batch_size,
+                         "max_length": args.seq_len, "steps_timed": len(timed),
+                         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
+                         "rows_per_s": statistics.median(r["examples_per_s"] for r in timed),
+                         "heldout_loss": json.loads((run / "eval" / "results.json").read_text())["metrics"]["loss"]})
+            print(f"packing={packing}: {rows[-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+    plain, packed = rows
+    print(f"\n{args.model}, LoRA, {args.batch_size} rows of up to {args.seq_len} tokens, Alpaca 52k\n")
+    print("| task.packing | tokens/s (median step) | rows/s | held-out loss after the steps |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {str(r['packing']).lower()} | {r['tokens_per_s']:,.0f} | {r['rows_per_s']:.2f} | {r['heldout_loss']:.4f} |")
+    print(f"\npacked / unpacked tokens per second: {packed['tokens_per_s'] / plain['tokens_per_s']:.2f}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
         if row := run_child(args):
             print(json.dumps(row))
         return
-    if args.crossover or args.switch:
-        rows = crossover(args) if args.crossover else switching(args)
+    modes = {"crossover": crossover, "switch": switching, "rss": rss_profile, "packing": packing_throughput}
+    if chosen := [mode for mode in modes if getattr(args, mode)]:
+        rows = modes[chosen[0]](args)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2) + "\n")
         return

@@ -140,7 +140,13 @@ class Placement:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def loader_settings(self, workers: int | str) -> tuple[int, bool]:
+        """(DataLoader workers, pin_memory): `auto` collates ahead in 2 workers into pinned memory when a GPU is
+        fed; on the CPU the cores that would collate are the ones computing, so it collates in the loop."""
+        cuda = self.device.type == "cuda"
+        return (2 if cuda else 0) if workers == "auto" else int(workers), cuda
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         """A loss scaler, enabled for fp16 only (bf16 has fp32's range)."""

@@ -120,20 +120,6 @@ def claim_failure() -> bool:
         return True
 
 
-def local_batch(features: list[dict], indices: list[int], pad_id: int,
-                total: float | None = None) -> tuple[dict[str, torch.Tensor], float]:
-    """This rank's shard of the global batch `indices`, collated, and its share of the loss: the fraction of
-    `total` (default: the whole batch's) that its examples carry, counted as the loss averages (examples, or target
-    tokens for instruction data). Summed over ranks the shares give the global mean; under DDP, which averages,
-    a rank's loss enters as share x world size."""
-    from sparsetune.data import collate, loss_items
-
-    mine, counts = _world.shard(indices)
-    total = loss_items([features[i] for i in indices]) if total is None else total
-    share = loss_items([features[i] for i in mine]) / total if counts else 0.0
-    return collate([features[i] for i in mine], pad_id), share
-
-
 # --- DistributedDataParallel ------------------------------------------------------------------
 @dataclass
 class AllReduceCount:

@@ -19,17 +19,17 @@ from sparsetune.device import Placement
 from sparsetune.distributed import world
 
 
-def _batches(features: list[dict], batch_size: int, pad_id: int, placement: Placement):
-    for start in range(0, len(features), batch_size):
-        yield placement.batch(collate(features[start : start + batch_size], pad_id))
+def _batches(columns: dict[str, list], batch_size: int, pad_id: int, placement: Placement):
+    for start in range(0, len(columns["input_ids"]), batch_size):
+        yield placement.batch(collate({k: v[start : start + batch_size] for k, v in columns.items()}, pad_id))
 
 
 @torch.no_grad()
-def head_outputs(model: nn.Module, features: list[dict], batch_size: int, pad_id: int,
+def head_outputs(model: nn.Module, columns: dict[str, list], batch_size: int, pad_id: int,
                  placement: Placement) -> torch.Tensor:
-    """The classifier's fp32 logits for every feature, in order, shape (len(features), num_labels)."""
+    """The classifier's fp32 logits for every row of the token `columns`, in order, shape (rows, num_labels)."""
     outputs = []
-    for batch in _batches(features, batch_size, pad_id, placement):
+    for batch in _batches(columns, batch_size, pad_id, placement):
         batch.pop("labels", None)
         with placement.autocast():
             outputs.append(model(**batch).logits.float().cpu())
@@ -43,7 +43,7 @@ def evaluate_split(model: nn.Module, split: Split, spec: TaskSpec, tokenizer, ba
     was_training = model.training
     model.eval()
     ranks = world()
-    mine = split.features[ranks.rank :: ranks.size]
+    mine = split.columns(range(ranks.rank, len(split), ranks.size))
     try:
         if spec.kind == "instruct":
             sums = torch.zeros(2, dtype=torch.float64)  # loss x target tokens, target tokens
@@ -57,11 +57,12 @@ def evaluate_split(model: nn.Module, split: Split, spec: TaskSpec, tokenizer, ba
             return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}, []
         logits = head_outputs(model, mine, batch_size, tokenizer.pad_token_id, placement)
         local = logits.squeeze(-1).tolist() if spec.kind == "regression" else logits.argmax(-1).tolist()
-        predictions: list = [None] * len(split.features)
+        predictions: list = [None] * len(split)
         for rank, shard in enumerate(ranks.all_gather(local)):
             predictions[rank :: ranks.size] = shard
-        labels = [e.label for e in split.examples]
-        rows = [asdict(e) | {"index": i, "prediction": p} for i, (e, p) in enumerate(zip(split.examples, predictions))]
+        examples = split.examples
+        labels = [e.label for e in examples]
+        rows = [asdict(e) | {"index": i, "prediction": p} for i, (e, p) in enumerate(zip(examples, predictions))]
         return compute_metrics(spec.metrics, predictions, labels), rows
     finally:
         model.train(was_training)

@@ -134,6 +134,26 @@ def is_causal_lm(model: torch.nn.Module) -> bool:
     return type(model).__name__ in _CAUSAL_LM_CLASSES
 
 
+@torch.no_grad()
+def keeps_packed_sequences_apart(model: torch.nn.Module) -> bool:
+    """Whether a causal LM reads sequence boundaries from restarting position ids (transformers' packed-sequence
+    masking: Llama, Qwen, Gemma, Mistral families): a second sequence packed behind a first must get the very
+    logits it gets alone. Checked on the model itself, since a model that ignores them would train on text that
+    attends across examples without any error."""
+    was_training = model.training
+    model.eval()
+    try:
+        first, second = torch.arange(3, 8), torch.arange(10, 14)
+        alone = model(input_ids=second[None], position_ids=torch.arange(4)[None], use_cache=False).logits
+        packed = model(input_ids=torch.cat([first, second])[None], use_cache=False,
+                       position_ids=torch.cat([torch.arange(5), torch.arange(4)])[None]).logits[:, 5:]
+    except TypeError:  # no position_ids or use_cache argument
+        return False
+    finally:
+        model.train(was_training)
+    return torch.allclose(alone.float(), packed.float(), atol=1e-4, rtol=1e-3)
+
+
 def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     """The stack of repeated transformer blocks: the longest ModuleList whose children share one class."""
     best: tuple[str, torch.nn.ModuleList] | None = None

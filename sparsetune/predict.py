@@ -353,9 +353,8 @@ def task_predictions(model: torch.nn.Module, tokenizer, placement: Placement, so
                 for i in progress(inputs, f"{source.name}: generating")]
     pairs = [i["text_b"] for i in inputs] if source.takes_pair else None
     enc = tokenizer([i["text"] for i in inputs], pairs, truncation=True, max_length=max_length)
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    features = [{k: enc[k][j] for k in keys} for j in range(len(inputs))]
-    logits = head_outputs(model, features, batch_size, tokenizer.pad_token_id, placement)
+    columns = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+    logits = head_outputs(model, columns, batch_size, tokenizer.pad_token_id, placement)
     if source.kind == "regression":
         return [{"prediction": score} for score in logits.squeeze(-1).tolist()]
     labels = source.labels

@@ -6,7 +6,7 @@ import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
@@ -30,7 +30,8 @@ class ModelConfig(Strict):
 class TaskConfig(Strict):
     name: str = Field(description="GLUE task (sst2, mrpc, ...), rotten_tomatoes, or instruct")
     data_dir: Path | None = Field(None, description="GLUE folder in the official layout (train.tsv, dev.tsv)")
-    data_file: Path | None = Field(None, description="instruction data: Alpaca JSON or JSONL")
+    data_file: Path | None = Field(None, description="instruction data: Alpaca JSON or JSONL, optionally gzipped "
+                                   "(.json, .jsonl, .json.gz, .jsonl.gz)")
     train_limit: int | None = Field(None, gt=0, description="use only the first N training examples")
     eval_limit: int | None = Field(None, gt=0, description="use only the first N examples of each dev split")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share when the data has no dev split, and "
@@ -38,6 +39,11 @@ class TaskConfig(Strict):
     eval_split: Literal["dev", "train_holdout"] = Field(
         "dev", description="what evaluation scores: the dev split(s), or a held-out slice of the training data (the "
         "dev files are then never read: what a sweep's learning-rate selection uses)")
+    packing: bool = Field(False, description="instruction data: several examples per training row up to "
+                          "model.max_length, each attending only to itself (position ids restart per example)")
+    streaming: bool = Field(False, description="instruction data: read a .jsonl(.gz) corpus as it trains, never "
+                            "holding or tokenizing it whole (needs train.max_steps)")
+    shuffle_buffer: int = Field(10000, gt=0, description="task.streaming: records shuffled at a time")
     generations: int = Field(4, ge=0, description="instruction data: greedy generations written at eval")
     max_new_tokens: int = Field(64, gt=0, description="instruction data: length of each generation")
 
@@ -56,6 +62,9 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(10, gt=0)
     eval_batch_size: int = Field(64, gt=0)
+    loader_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="DataLoader worker processes that collate batches ahead of the step: auto is 2 when a "
+        "GPU is fed (with pinned memory), else 0 (the CPU that would collate is the one computing)")
     device: str = Field("auto", description="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
     dtype: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="storage and compute dtype of the frozen base; trainable tensors stay fp32")

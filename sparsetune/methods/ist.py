@@ -30,8 +30,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from sparsetune.console import progress
-from sparsetune.data import TaskData, collate, loss_items
-from sparsetune.distributed import data_parallel, local_batch, world
+from sparsetune.data import Split, TaskData
+from sparsetune.data.loader import shard
+from sparsetune.distributed import data_parallel, world
 from sparsetune.errors import UserError
 from sparsetune.methods import method_class, register
 from sparsetune.methods.base import Method
@@ -71,6 +72,7 @@ class Ist(Method):
     name: ClassVar[str] = "ist"
     Config = IstConfig
     stages: ClassVar[tuple[str, ...]] = ("warmup",)
+    random_access: ClassVar[bool] = True  # scoring rounds draw their examples
     partial_gradients: ClassVar[bool] = True  # undrawn blocks get no gradient
 
     def __init__(self, recipe: Recipe, reported_as: Recipe | None = None):
@@ -112,7 +114,7 @@ class Ist(Method):
         """`size` example indices from IST's own sampler (the same on every rank)."""
         return torch.randperm(count, generator=self.generator)[:size].tolist()
 
-    def score_round(self, model: nn.Module, features: list[dict], indices: list[int], pad_id: int) -> dict:
+    def score_round(self, model: nn.Module, train: Split, indices: list[int], pad_id: int) -> dict:
         """One round of response suppression on the examples `indices`; updates the scores and returns what it
         measured."""
         probs = torch.sigmoid(self.scores)
@@ -122,7 +124,7 @@ class Ist(Method):
         for chosen in sets:
             for i in chosen.tolist():
                 self.base.scale_updates(self.blocks[i], self.cfg.suppression)
-            losses.append(self._loss(model, features, indices, pad_id))
+            losses.append(self._loss(model, train, indices, pad_id))
             for i in chosen.tolist():
                 self.base.scale_updates(self.blocks[i], 1.0)
         model.train(was_training)
@@ -134,17 +136,17 @@ class Ist(Method):
         return {"suppressed": [s.tolist() for s in sets], "losses": losses}
 
     @torch.inference_mode()
-    def _loss(self, model: nn.Module, features: list[dict], indices: list[int], pad_id: int) -> float:
+    def _loss(self, model: nn.Module, train: Split, indices: list[int], pad_id: int) -> float:
         """The examples' mean loss, computed in chunks of the training micro-batch so a round never needs more
         memory than a training step; chunks are weighted by their examples (their target tokens for causal LMs).
         Under torchrun each rank computes its shard and the sums are all-reduced: every rank gets the same loss."""
         mine, counts = world().shard(indices)
         size, sums = self.recipe.train.batch_size, torch.zeros(2, dtype=torch.float64)
         for start in range(0, len(mine) if counts else 0, size):
-            chunk = [features[i] for i in mine[start : start + size]]
-            count = loss_items(chunk)
+            chunk = mine[start : start + size]
+            count = train.loss_items(chunk)
             with self.placement.autocast():
-                sums[0] += float(model(**self.placement.batch(collate(chunk, pad_id))).loss) * count
+                sums[0] += float(model(**self.placement.batch(train.batch(chunk, pad_id))).loss) * count
             sums[1] += count
         total, weight = world().all_reduce_(sums).tolist()
         return total / weight
@@ -164,9 +166,9 @@ class Ist(Method):
             world().barrier()  # the other ranks read what rank 0 wrote (SIFT's scores, then its mask)
         model = self.placement.place(self._wrap(loaded, run))  # the base's trainable state, fp32 on the device
         self.generator = torch.Generator().manual_seed(self.recipe.seed + 1)  # not the training draws
-        features, pad_id = data.train.features, loaded.tokenizer.pad_token_id
-        self._train_all_blocks(model, features, pad_id)
-        rounds = [self.score_round(model, features, self._draw(len(features), self.cfg.score_batch_size), pad_id)
+        train, pad_id = data.train, loaded.tokenizer.pad_token_id
+        self._train_all_blocks(model, train, pad_id)
+        rounds = [self.score_round(model, train, self._draw(len(train), self.cfg.score_batch_size), pad_id)
                   for _ in progress(range(self.cfg.warmup_rounds), "IST warm-up: scoring rounds")]
         run.save_tensors(SCORES_FILE, {"scores": self.scores})
         importance = [round(v, 4) for v in self.importance().tolist()]
@@ -176,23 +178,22 @@ class Ist(Method):
         return (f"IST initial importance of {len(self.blocks)} blocks ({self.cfg.warmup_steps} warm-up steps, "
                 f"{len(rounds)} rounds): {importance}")
 
-    def _train_all_blocks(self, model: nn.Module, features: list[dict], pad_id: int) -> None:
+    def _train_all_blocks(self, model: nn.Module, data: Split, pad_id: int) -> None:
         """A few plain steps of the base method on every block, so that suppressing its updates means something
         (data-parallel under torchrun, on global batches of `batch_size x world size`)."""
-        train = self.recipe.train
-        groups = self.base.param_groups(model, train.weight_decay)
+        settings = self.recipe.train
+        groups = self.base.param_groups(model, settings.weight_decay)
         params = [p for group in groups for p in group["params"]]
-        optimizer = torch.optim.AdamW(groups, lr=train.lr)
+        optimizer = torch.optim.AdamW(groups, lr=settings.lr)
         parallel = data_parallel(model, self.placement.device)
         model.train()
         for _ in progress(range(self.cfg.warmup_steps), "IST warm-up: all-block steps"):
-            indices = self._draw(len(features), train.batch_size * world().size)
-            batch, share = local_batch(features, indices, pad_id)
+            plan = shard(data, self._draw(len(data), settings.batch_size * world().size))
             with self.placement.autocast():
-                loss = parallel(**self.placement.batch(batch)).loss
-            (loss * share * world().size).backward()
-            if train.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+                loss = parallel(**self.placement.batch(data.batch(plan.indices, pad_id))).loss
+            (loss * plan.share * world().size).backward()
+            if settings.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             self.base.after_step(model)
@@ -208,12 +209,12 @@ class Ist(Method):
             self.load_method_state(load_file(str(path)))
         return model
 
-    def before_step(self, model: nn.Module, step: int, features: list[dict], pad_id: int) -> dict:
+    def before_step(self, model: nn.Module, step: int, train: Split, pad_id: int) -> dict:
         """Rescore every `score_every` steps, then draw the blocks this step updates; the others get no gradient."""
         info: dict = {}
         if step > 0 and step % self.cfg.score_every == 0:
-            indices = self._draw(len(features), self.cfg.score_batch_size)
-            info["losses"] = self.score_round(model, features, indices, pad_id)["losses"]
+            indices = self._draw(len(train), self.cfg.score_batch_size)
+            info["losses"] = self.score_round(model, train, indices, pad_id)["losses"]
         if step == 0 or info:
             info["importance"] = self.importance().tolist()
         drawn = torch.multinomial(self.importance(), self.n_update, generator=self.generator).sort().values.tolist()

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from sparsetune.console import progress
-from sparsetune.data import TaskData
+from sparsetune.data import Split, TaskData
 from sparsetune.device import Placement
 from sparsetune.distributed import data_parallel, world
 from sparsetune.errors import UserError
@@ -143,7 +143,7 @@ class Zeroing(Method):
         plain = [p for n, p in params.items() if n.endswith(".scores") or p.ndim < 2]
         return [{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
-    def before_step(self, model: nn.Module, step: int, features: list[dict], pad_id: int) -> None:
+    def before_step(self, model: nn.Module, step: int, train: Split, pad_id: int) -> None:
         if self.cfg.mode == "zero" and self.cfg.ramp_steps:
             share = min(1.0, step / self.cfg.ramp_steps)
             for layer in self._wrapped.values():
