@@ -70,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "start; SST-2 SIFT at batch 32 x 64, 200 steps), sampled as they train, in each --checkout")
     parser.add_argument("--checkout", type=Path, action="append", help="--rss: a sparsetune checkout to run from "
                         "(repeat to compare commits in one run; default: this one)")
-    parser.add_argument("--jobs", default="quickstart,sst2", help="--rss: comma-separated subset of quickstart,sst2")
+    parser.add_argument("--jobs", default="quickstart,sst2", help="--rss: comma-separated subset of quickstart,sst2,sst2-lean (train.host_memory=lean; a checkout "
+                        "from before the key fails it)")
     parser.add_argument("--packing", action="store_true", help="training tokens per second on the Alpaca data "
                         "with task.packing against without (--model, --batch-size rows of --seq-len, --steps)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -419,9 +420,9 @@ def switching(args: argparse.Namespace) -> list[dict]:
 
 def _rss_jobs(args: argparse.Namespace) -> dict[str, list[str]]:
     sst2 = args.data / "glue" / "SST-2"
-    return {"quickstart": ["recipes/quickstart.yaml"],
-            "sst2": ["recipes/glue/sst2-sift.yaml", f"task.data_dir={sst2}", "model.max_length=64",
-                     "train.batch_size=32", "train.max_steps=200", "train.eval_every=200", "train.log_every=10"]}
+    job = ["recipes/glue/sst2-sift.yaml", f"task.data_dir={sst2}", "model.max_length=64", "train.batch_size=32",
+           "train.max_steps=200", "train.eval_every=200", "train.log_every=10"]
+    return {"quickstart": ["recipes/quickstart.yaml"], "sst2": job, "sst2-lean": [*job, "train.host_memory=lean"]}
 
 
 def _status_kib(pid: int, field: str) -> int | None:
@@ -445,7 +446,7 @@ def rss_profile(args: argparse.Namespace) -> list[dict]:
                 cmd = [sys.executable, "-m", "sparsetune", "train", *jobs[job], f"output_dir={run}", "--force"]
                 started = time.perf_counter()
                 proc = subprocess.Popen(cmd, cwd=checkout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                peak, by_step, seen = 0, {}, 0
+                peak, by_step, rates, seen = 0, {}, [], 0
                 while proc.poll() is None:
                     peak = max(peak, _status_kib(proc.pid, "VmHWM") or 0)
                     metrics = run / "metrics.jsonl"
@@ -454,6 +455,7 @@ def rss_profile(args: argparse.Namespace) -> list[dict]:
                         step = json.loads(line)
                         if "loss" in step:
                             by_step[step["step"]] = _status_kib(proc.pid, "VmRSS") or 0
+                            rates.append(step["examples_per_s"])
                     seen = len(lines)
                     time.sleep(0.05)
                 if proc.returncode != 0:
@@ -463,17 +465,20 @@ def rss_profile(args: argparse.Namespace) -> list[dict]:
                 rows.append({"checkout": str(checkout), "job": job, "peak_rss_mib": round(peak / 1024),
                              "first_logged_step": steps[0], "rss_first_mib": round(by_step[steps[0]] / 1024),
                              "last_logged_step": steps[-1], "rss_last_mib": round(by_step[steps[-1]] / 1024),
-                             "wall_s": round(time.perf_counter() - started, 1), "metrics": results["metrics"]})
+                             "wall_s": round(time.perf_counter() - started, 1), "metrics": results["metrics"],
+                             "median_examples_per_s": round(statistics.median(rates[1:] or rates), 1)})
                 r = rows[-1]
                 print(f"{checkout} {job}: peak {r['peak_rss_mib']:,} MiB; step {r['first_logged_step']} "
                       f"{r['rss_first_mib']:,} MiB -> step {r['last_logged_step']} {r['rss_last_mib']:,} MiB; "
                       f"{r['wall_s']} s", file=sys.stderr)
-    print("\n| checkout | run | peak RSS (MiB) | RSS at first logged step | at last | wall (s) | dev metrics |")
-    print("|---|---|---:|---:|---:|---:|---|")
+    print("\n| checkout | run | peak RSS (MiB) | RSS at first logged step | at last | training examples/s (median) "
+          "| wall (s) | dev metrics |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items())
         print(f"| {r['checkout']} | {r['job']} | {r['peak_rss_mib']:,} | {r['rss_first_mib']:,} (step "
-              f"{r['first_logged_step']}) | {r['rss_last_mib']:,} (step {r['last_logged_step']}) | {r['wall_s']} | "
+              f"{r['first_logged_step']}) | {r['rss_last_mib']:,} (step {r['last_logged_step']}) | "
+              f"{r['median_examples_per_s']} | {r['wall_s']} | "
               f"{metrics} |")
     return rows
 

@@ -44,6 +44,7 @@ def _load(recipe_path: Path, overrides: list[str] | None):
 
 def _run_stage(stage: str, recipe, run, force: bool, explicit: bool = True) -> None:
     """Run warm-up or selection when the method has it and its saved result is missing or --force."""
+    from sparsetune.device import trim_host_memory
     from sparsetune.methods import method_class
     from sparsetune.train import build
 
@@ -62,6 +63,8 @@ def _run_stage(stage: str, recipe, run, force: bool, explicit: bool = True) -> N
     summary = getattr(session.method, stage)(session.loaded, session.data, run)
     run.record_stage(stage, fingerprint, summary=summary, wall_time_s=round(time.perf_counter() - started, 2),
                      **session.placement.record(), world_size=world().size)
+    del session
+    trim_host_memory()  # the stage's model and gradients are gone: give their memory back before training
     world().barrier()  # the other ranks read what rank 0 wrote
     log.print(f"{stage}: {summary}")
 

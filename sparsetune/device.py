@@ -9,6 +9,10 @@ written goes through `to_cpu` first, so a run trained on a GPU is read back on a
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
+import gc
 import platform
 import resource
 from dataclasses import dataclass
@@ -194,3 +198,32 @@ def _cpu_name() -> str:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@functools.cache
+def _glibc():
+    """The C library when it is glibc (Linux), for its allocator controls; None elsewhere."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # noqa: B018  (musl and macOS have none)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def trim_host_memory() -> None:
+    """Hand memory freed on the host back to the system. glibc keeps freed blocks for reuse, and with tensors whose
+    sizes change every batch (padding to the longest row) its heap only grows: a training run's RSS rose by a
+    quarter from step 10 to step 200. Called between stages and at every log step; a no-op off glibc."""
+    gc.collect()
+    if (libc := _glibc()) is not None:
+        libc.malloc_trim(0)
+
+
+def lean_host_allocator() -> None:
+    """train.host_memory: lean. glibc serves large blocks from its heap once a freed mmap raised its threshold,
+    and keeps them; a fixed 64 KiB threshold maps every large tensor afresh and unmaps it when freed, so RSS stays
+    at the working set (SST-2 SIFT at 32 x 64: 1.0 GB flat instead of 1.4 GB peaks) for a quarter of the CPU
+    throughput spent in page faults. What MALLOC_MMAP_THRESHOLD_=65536 does, set from the recipe."""
+    if (libc := _glibc()) is not None:
+        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD

@@ -62,6 +62,9 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(10, gt=0)
     eval_batch_size: int = Field(64, gt=0)
+    host_memory: Literal["fast", "lean"] = Field(
+        "fast", description="CPU memory policy: fast keeps glibc's heap (returned to the system at every log step); "
+        "lean maps large tensors afresh, for a flat RSS at the working set at the cost of CPU throughput")
     loader_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto", description="DataLoader worker processes that collate batches ahead of the step: auto is 2 when a "
         "GPU is fed (with pinned memory), else 0 (the CPU that would collate is the one computing)")

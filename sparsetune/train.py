@@ -21,7 +21,7 @@ from torch import nn
 from sparsetune.data import TaskData, load_task, task_spec
 from sparsetune.data.loader import train_batches
 from sparsetune.data.stream import StreamSplit
-from sparsetune.device import Placement, peak_rss_bytes, to_cpu
+from sparsetune.device import Placement, lean_host_allocator, peak_rss_bytes, to_cpu, trim_host_memory
 from sparsetune.distributed import bytes_all_reduced, data_parallel, no_sync, world
 from sparsetune.errors import UserError
 from sparsetune.evaluate import evaluate
@@ -54,6 +54,8 @@ def build(recipe: Recipe, run: RunDir | None, with_data: bool = True, prepare: b
     """Load model and data; `prepare` hands the model to the method (stages before training skip it); the
     result sits on the recipe's device with the frozen base in its dtype."""
     torch.manual_seed(recipe.seed)  # a fresh task head is initialised from the recipe's seed
+    if recipe.train.host_memory == "lean":
+        lean_host_allocator()
     method = method_class(recipe.method.name)(recipe)  # resolves train.device first: a bad one fails before loading
     loaded = load_model(recipe.model.name, HeadSpec.for_task(task_spec(recipe.task.name)), recipe.model.trust_remote_code)
     if recipe.task.streaming and method.random_access:
@@ -239,6 +241,7 @@ class Trainer:
                     progress.update(task, status=status)
                     if not self.console.is_terminal:
                         self.console.print(f"step {self.step}/{self.total_steps} {status}")
+                    trim_host_memory()
                     window_loss, window_steps, window_start = torch.zeros_like(window_loss), 0, now
                     window_examples = window_tokens = 0
                 progress.update(task, completed=self.step)
@@ -336,6 +339,7 @@ def train_run(recipe: Recipe, run: RunDir, console: Console, resume: bool, stop_
         f"{placement.device} ({placement.device_name()}), base in {placement.dtype_name}"
         + (f"; {ranks.size} ranks, global batch {scale['global_batch_size']}" if ranks.launched else "")
     )
+    trim_host_memory()  # what loading and tokenizing freed
     placement.reset_peak_memory()
     earlier = run.manifest().get("stages", {}).get("train", {}).get("wall_time_s", 0.0) if trainer.step else 0.0
     started, first_step = time.perf_counter(), trainer.step
