@@ -25,7 +25,8 @@ import torch
 from sparsetune.console import log
 from sparsetune.data.glue import (GLUE, Example, glue_files, in_heldout, read_glue, read_rotten_tomatoes,
                                   rotten_tomatoes_file, tokenize_pairs)
-from sparsetune.data.instruct import IGNORE_INDEX, Record, data_file, pack, read_records, tokenize_records
+from sparsetune.data.instruct import (IGNORE_INDEX, Record, data_file, pack, read_records, target_count,
+                                      tokenize_records)
 from sparsetune.errors import UserError, unknown
 from sparsetune.recipe import TaskConfig
 
@@ -74,7 +75,7 @@ class Split:
     def from_columns(cls, name: str, columns: dict[str, list]) -> Split:
         """An in-memory split of ready token columns (a benchmark's batch, a test's rows); each row's loss weight is
         1, or its target tokens where labels are sequences."""
-        weights = [sum(t != IGNORE_INDEX for t in y[1:]) if isinstance(y, list) else 1 for y in columns["labels"]]
+        weights = [target_count(y) if isinstance(y, list) else 1 for y in columns["labels"]]
         return cls(name, datasets.Dataset.from_dict(columns | {WEIGHT_COLUMN: weights}))
 
     def __len__(self) -> int:
@@ -123,12 +124,6 @@ def data_cache() -> Path:
     return Path(os.environ.get("SPARSETUNE_DATA_CACHE") or cache_dir() / "data")
 
 
-def _hash_file(path: Path, digest) -> None:
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-
-
 def tokenizer_fingerprint(tokenizer) -> str:
     """What decides the ids: the vocabulary and rules (a fast tokenizer's serialised form), the special tokens,
     the chat template (instruction prompts use it) and the class."""
@@ -166,8 +161,8 @@ def fingerprint(cfg: TaskConfig, spec: TaskSpec, tokenizer, max_length: int) -> 
     digest.update(json.dumps({"settings": settings, "max_length": max_length, "code": _code_fingerprint(),
                               "tokenizer": tokenizer_fingerprint(tokenizer)}, sort_keys=True).encode())
     for path in _source_files(cfg, spec):
-        digest.update(path.name.encode())
-        _hash_file(path, digest)
+        with path.open("rb") as handle:
+            digest.update(path.name.encode() + hashlib.file_digest(handle, "sha256").digest())
     return digest.hexdigest()[:20]
 
 

@@ -101,6 +101,11 @@ def prompt_ids(record: Record, tokenizer) -> list[int]:
     return ids if getattr(tokenizer, "chat_template", None) else leading_special_ids(tokenizer) + ids
 
 
+def target_count(labels: list[int]) -> int:
+    """The tokens a causal LM's loss averages over in one row: labels not IGNORE_INDEX after the shift by one."""
+    return sum(t != IGNORE_INDEX for t in labels[1:])
+
+
 def tokenize_records(batch: dict[str, list], tokenizer, max_length: int) -> dict[str, list]:
     """`Dataset.map` (batched): input_ids = prompt + response + eos, labels = IGNORE_INDEX over the prompt, and
     the target tokens the loss averages over; a record left with nothing to learn after truncation is dropped."""
@@ -113,7 +118,7 @@ def tokenize_records(batch: dict[str, list], tokenizer, max_length: int) -> dict
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         prompt, response = lead + prompt, response + [tokenizer.eos_token_id]
         labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
-        targets = sum(t != IGNORE_INDEX for t in labels[1:])  # the model shifts labels by one
+        targets = target_count(labels)
         if not targets:
             continue
         for key in batch:

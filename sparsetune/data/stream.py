@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
-import numpy as np
 
 from sparsetune.data.glue import in_heldout
 from sparsetune.data.instruct import Record, data_file, iter_records, pack, tokenize_records
@@ -111,7 +110,7 @@ def as_columns(rows: list[dict]) -> dict[str, list]:
 
 
 def loss_items(rows: list[dict]) -> int:
-    return int(np.sum([row["loss_items"] for row in rows]))
+    return sum(row["loss_items"] for row in rows)
 
 
 def heldout_dataset(records: list[Record], tokenizer, max_length: int) -> datasets.Dataset:
