@@ -36,10 +36,19 @@ def head_outputs(model: nn.Module, columns: dict[str, list], batch_size: int, pa
     return torch.cat(outputs) if outputs else torch.zeros(0, model.config.num_labels)
 
 
+def head_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> float:
+    """The summed loss the head trains on (cross-entropy, or squared error for regression): a continuous score
+    that still separates runs whose discrete metric ties, e.g. two that both predict the majority class."""
+    if kind == "regression":
+        return float(nn.functional.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum"))
+    return float(nn.functional.cross_entropy(logits, labels.long(), reduction="sum"))
+
+
 @torch.no_grad()
 def evaluate_split(model: nn.Module, split: Split, spec: TaskSpec, tokenizer, batch_size: int,
                    placement: Placement) -> tuple[dict, list[dict]]:
-    """(metrics, prediction rows) for one split; instruction data gives token-weighted loss and perplexity."""
+    """(metrics, prediction rows) for one split: the task's metrics and the mean loss per example; instruction
+    data gives token-weighted loss and perplexity."""
     was_training = model.training
     model.eval()
     ranks = world()
@@ -57,13 +66,16 @@ def evaluate_split(model: nn.Module, split: Split, spec: TaskSpec, tokenizer, ba
             return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}, []
         logits = head_outputs(model, mine, batch_size, tokenizer.pad_token_id, placement)
         local = logits.squeeze(-1).tolist() if spec.kind == "regression" else logits.argmax(-1).tolist()
+        loss_sum = torch.tensor([head_loss(logits, torch.tensor(mine["labels"]), spec.kind), len(logits)],
+                                dtype=torch.float64)
+        total, rows_scored = ranks.all_reduce_(loss_sum).tolist()
         predictions: list = [None] * len(split)
         for rank, shard in enumerate(ranks.all_gather(local)):
             predictions[rank :: ranks.size] = shard
         examples = split.examples
         labels = [e.label for e in examples]
         rows = [asdict(e) | {"index": i, "prediction": p} for i, (e, p) in enumerate(zip(examples, predictions))]
-        return compute_metrics(spec.metrics, predictions, labels), rows
+        return compute_metrics(spec.metrics, predictions, labels) | {"loss": total / max(rows_scored, 1)}, rows
     finally:
         model.train(was_training)
 

@@ -178,18 +178,22 @@ def final_points(config: SweepConfig, chosen: dict[str, dict]) -> list[Point]:
 
 
 def choose_lrs(config: SweepConfig, selection: list[Point]) -> dict[str, dict]:
-    """Per grid point: the lr whose selection run scored best on the held-out training slice (None until every
-    selection run of that point is complete), the metric and every lr's score."""
+    """Per grid point: the lr whose selection run scored best on the held-out training slice, ties broken by the
+    lower loss there (None until every selection run of that point is complete), the metric and every lr's
+    score."""
     chosen: dict[str, dict] = {}
     for _, name, _ in grid_points(config):
         runs = [load_run(p.run_dir(config.output_root)) for p in selection if p.selects_for == name]
         primary = runs[0].primary if runs else None
         scores = {str(r.recipe.get("train", {}).get("lr")): r.metrics.get(primary) for r in runs}
+        losses = {str(r.recipe.get("train", {}).get("lr")): r.metrics.get("loss") for r in runs}
         lr = None
         if runs and all(r.status == "complete" and primary in r.metrics for r in runs):
             sign = -1 if primary in LOWER_IS_BETTER else 1
-            lr = float(max(runs, key=lambda r: sign * r.metrics[primary]).recipe["train"]["lr"])
-        chosen[name] = {"lr": lr, "metric": primary, "split": "train_holdout", "scores": scores}
+            # a tie on the metric (all at the majority class, say) goes to the lower held-out loss
+            lr = float(max(runs, key=lambda r: (sign * r.metrics[primary], -r.metrics.get("loss", 0.0)))
+                       .recipe["train"]["lr"])
+        chosen[name] = {"lr": lr, "metric": primary, "split": "train_holdout", "scores": scores, "losses": losses}
     return chosen
 
 

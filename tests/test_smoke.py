@@ -24,7 +24,7 @@ def results(run: Path) -> dict:
 def test_quickstart_recipe(tmp_path):
     run = tmp_path / "qs"
     assert run_cli("train", RECIPES / "quickstart.yaml", f"output_dir={run}", *QUICK) == 0
-    assert set(results(run)["metrics"]) == {"accuracy", "f1"}
+    assert set(results(run)["metrics"]) == {"accuracy", "f1", "loss"}
     assert run_cli("export-delta", run, "-o", tmp_path / "qs.safetensors") == 0
     assert run_cli("predict", "--delta", tmp_path / "qs.safetensors", "a fine film", "a mess", "-o", tmp_path / "p.jsonl") == 0
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
@@ -52,7 +52,7 @@ def test_quickstart_recipe_on_two_processes(tmp_path):
     manifest = json.loads((run / "manifest.json").read_text())
     assert (manifest["world_size"], manifest["global_batch_size"]) == (2, 8)
     assert 0 < manifest["allreduce_bytes_per_step"] < 0.02 * 4 * 22_713_986  # SIFT's values and the head, not the model
-    assert set(results(run)["metrics"]) == {"accuracy", "f1"}
+    assert set(results(run)["metrics"]) == {"accuracy", "f1", "loss"}
     assert run_cli("export-delta", run, "-o", tmp_path / "delta") == 0
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from conftest import run_cli, write_recipe
+from sparsetune.sweep import choose_lrs, load_sweep, selection_points
 
 FAULTS = Path(__file__).parent / "faults"
 
@@ -75,7 +76,7 @@ def test_lr_selection_scores_a_training_slice_and_never_reads_dev(tmp_path, tiny
     chosen = json.loads((root / "lr-selection.json").read_text())["base/default"]
     assert chosen["split"] == "train_holdout" and chosen["metric"] == "accuracy"
     assert set(chosen["scores"]) == {"0.0001", "0.05"} and chosen["lr"] in (1e-4, 5e-2)
-    best = max(chosen["scores"], key=chosen["scores"].get)
+    best = max(chosen["scores"], key=lambda lr: (chosen["scores"][lr], -chosen["losses"][lr]))
     assert chosen["lr"] == float(best)
     for lr in ("0.0001", "0.05"):
         results = json.loads((root / f"base/default/lr-selection/lr={lr}/eval/results.json").read_text())
@@ -83,6 +84,16 @@ def test_lr_selection_scores_a_training_slice_and_never_reads_dev(tmp_path, tiny
     final = yaml.safe_load((root / "base/default/seed-3/recipe.yaml").read_text())
     assert (final["train"]["lr"], final["seed"], final["task"]["eval_split"]) == (chosen["lr"], 3, "dev")
     assert "dev.tsv" in (root / "logs/base__default__seed-3.log").read_text()
+
+    # a tie on accuracy (both at the majority class, say) goes to the lower held-out loss, whichever lr is first
+    config = load_sweep(path)
+    for first_wins in (True, False):
+        for lr, loss in (("0.0001", 0.5 if first_wins else 0.7), ("0.05", 0.6)):
+            results_file = root / f"base/default/lr-selection/lr={lr}/eval/results.json"
+            results = json.loads(results_file.read_text())
+            results["metrics"] |= {"accuracy": 0.5, "loss": loss}
+            results_file.write_text(json.dumps(results))
+        assert choose_lrs(config, selection_points(config))["base/default"]["lr"] == (1e-4 if first_wins else 5e-2)
 
 
 def test_lr_factors_scale_each_points_own_lr(tmp_path, tiny_bert, glue_root, capsys):
