@@ -53,6 +53,7 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     pretrained_names: frozenset[str]  # parameters that came from the checkpoint (not a fresh head)
+    head_names: frozenset[str] = frozenset()  # the fresh task head's parameters (train.head_lr)
 
 
 def cache_dir() -> Path:
@@ -123,7 +124,7 @@ def load_model(name: str, head: HeadSpec, trust_remote_code: bool = False) -> Lo
     model.config.pad_token_id = tokenizer.pad_token_id
     fresh = set(info.get("missing_keys", ()))
     pretrained = frozenset(n for n, _ in model.named_parameters() if n not in fresh)
-    return LoadedModel(model, tokenizer, pretrained)
+    return LoadedModel(model, tokenizer, pretrained, frozenset(n for n, _ in model.named_parameters() if n in fresh))
 
 
 _CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())

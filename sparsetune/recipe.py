@@ -54,6 +54,8 @@ class TrainConfig(Strict):
     batch_size: int = Field(32, gt=0, description="examples per micro-batch")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     lr: float = Field(5e-5, gt=0)
+    head_lr: float | None = Field(None, gt=0, description="learning rate of the fresh task head (a classifier's or "
+                                  "regressor's output layer); default train.lr")
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0)

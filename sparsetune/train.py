@@ -124,7 +124,7 @@ class Trainer:
         self.world = world()
         self.module = data_parallel(session.model, self.placement.device, session.method.partial_gradients)
         self.scaler = self.placement.grad_scaler()  # fp16 only; a no-op otherwise
-        self.groups = session.method.param_groups(session.model, cfg.weight_decay)
+        self.groups = session.method.optimizer_groups(session.model, session.loaded)
         self.params = [p for g in self.groups for p in g["params"]]
         if not self.params:
             raise UserError(f"method '{session.method.name}' left nothing to train")

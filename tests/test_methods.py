@@ -96,3 +96,16 @@ def test_rerun_needs_resume_or_force(bert_recipe, tmp_path, capsys, method):
     assert "the recipe changed (train.lr)" in capsys.readouterr().err
     assert run_cli("train", recipe, "--force") == 0
     assert len(losses(tmp_path / "run")) == 1
+
+
+def test_head_lr_gives_the_fresh_head_alone_its_own_rate(bert_recipe, tmp_path, method):
+    """Every trainable parameter is in exactly one optimizer group; the classifier's, and only those, at head_lr."""
+    assert run_cli("train", bert_recipe(METHOD_SETTINGS[method], max_steps=1, head_lr=0.5)) == 0
+    session = restore(RunDir(tmp_path / "run"), with_data=False)
+    names = {id(p): n for n, p in session.model.named_parameters()}
+    groups = session.method.optimizer_groups(session.model, session.loaded)
+    lr_of = [(names[id(p)], group.get("lr")) for group in groups for p in group["params"]]
+    assert sorted(n for n, _ in lr_of) == sorted(session.method.trainable_parameters(session.model))
+    at_head_lr = {n.rsplit(".", 1)[1] for n, lr in lr_of if lr == 0.5}
+    assert at_head_lr == {"weight", "bias"} and all("classifier" in n for n, lr in lr_of if lr == 0.5)
+    assert not any("classifier" in n for n, lr in lr_of if lr != 0.5)

@@ -89,6 +89,24 @@ class Method:
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
 
+    def optimizer_groups(self, model: nn.Module, loaded: LoadedModel) -> list[dict]:
+        """`param_groups`, with the fresh task head in groups of its own at `train.head_lr` when that is set: the
+        head starts from random while everything else starts pretrained, and methods train at lrs decades apart."""
+        groups = self.param_groups(model, self.recipe.train.weight_decay)
+        head_lr = self.recipe.train.head_lr
+        if head_lr is None:
+            return groups
+        # peft keeps the trained copy of a head under `modules_to_save.default` inside `base_model.model`
+        head = {id(p) for n, p in model.named_parameters()
+                if n.removeprefix("base_model.model.").replace(".modules_to_save.default.", ".") in loaded.head_names}
+        split = []
+        for group in groups:
+            for in_head in (False, True):
+                params = [p for p in group["params"] if (id(p) in head) == in_head]
+                if params:
+                    split.append(group | {"params": params} | ({"lr": head_lr} if in_head else {}))
+        return split
+
     def trainable_count(self, model: nn.Module) -> int:
         return sum(p.numel() for p in self.trainable_parameters(model).values())
 

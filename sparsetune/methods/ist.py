@@ -154,7 +154,8 @@ class Ist(Method):
     # --- warm-up: initial scores --------------------------------------------------------------
     def stage_fingerprint(self, stage: str) -> str:
         return self.recipe.fingerprint("seed", "model", "task.name", "task.data_dir", "task.data_file",
-                                       "task.train_limit", "train.batch_size", "train.lr", "train.weight_decay",
+                                       "task.train_limit", "train.batch_size", "train.lr", "train.head_lr",
+                                       "train.weight_decay",
                                        "train.max_grad_norm", "method.base", "method.suppress_fraction",
                                        "method.trials", "method.score_lr", "method.suppression",
                                        "method.score_batch_size", "method.warmup_steps", "method.warmup_rounds")
@@ -167,7 +168,7 @@ class Ist(Method):
         model = self.placement.place(self._wrap(loaded, run))  # the base's trainable state, fp32 on the device
         self.generator = torch.Generator().manual_seed(self.recipe.seed + 1)  # not the training draws
         train, pad_id = data.train, loaded.tokenizer.pad_token_id
-        self._train_all_blocks(model, train, pad_id)
+        self._train_all_blocks(model, loaded, train, pad_id)
         rounds = [self.score_round(model, train, self._draw(len(train), self.cfg.score_batch_size), pad_id)
                   for _ in progress(range(self.cfg.warmup_rounds), "IST warm-up: scoring rounds")]
         run.save_tensors(SCORES_FILE, {"scores": self.scores})
@@ -178,11 +179,11 @@ class Ist(Method):
         return (f"IST initial importance of {len(self.blocks)} blocks ({self.cfg.warmup_steps} warm-up steps, "
                 f"{len(rounds)} rounds): {importance}")
 
-    def _train_all_blocks(self, model: nn.Module, data: Split, pad_id: int) -> None:
+    def _train_all_blocks(self, model: nn.Module, loaded: LoadedModel, data: Split, pad_id: int) -> None:
         """A few plain steps of the base method on every block, so that suppressing its updates means something
         (data-parallel under torchrun, on global batches of `batch_size x world size`)."""
         settings = self.recipe.train
-        groups = self.base.param_groups(model, settings.weight_decay)
+        groups = self.base.optimizer_groups(model, loaded)
         params = [p for group in groups for p in group["params"]]
         optimizer = torch.optim.AdamW(groups, lr=settings.lr)
         parallel = data_parallel(model, self.placement.device)
