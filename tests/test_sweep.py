@@ -1,10 +1,12 @@
-"""`sparsetune sweep`: a tiny grid runs, is skipped when complete, resumes after a kill, and selects the learning
-rate without ever reading the dev split."""
+"""`sparsetune sweep`: a tiny grid runs, is skipped when complete (from its records alone too), resumes after a
+kill, and selects the learning rate without ever reading the dev split."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -13,6 +15,7 @@ from conftest import run_cli, write_recipe
 from sparsetune.sweep import choose_lrs, load_sweep, selection_points
 
 FAULTS = Path(__file__).parent / "faults"
+RECORDS = Path(__file__).parents[1] / "scripts" / "sweep_records.py"
 
 
 def sweep_file(tmp_path: Path, tiny_bert: Path, glue: Path, **sweep) -> Path:
@@ -46,6 +49,16 @@ def test_a_grid_runs_then_is_skipped_and_reported(tmp_path, tiny_bert, glue_root
     capsys.readouterr()
     assert run_cli("sweep", path) == 0  # again: nothing to train
     assert capsys.readouterr().out.count("complete (skipped)") == 4
+
+    # the records alone (no checkpoints, no weights) are enough for a fresh machine to skip the complete points
+    records = tmp_path / "records"
+    subprocess.run([sys.executable, RECORDS, root, records], check=True, capture_output=True)
+    assert not list(records.rglob("*.safetensors")) and not (records / "report").exists()
+    shutil.rmtree(root)
+    subprocess.run([sys.executable, RECORDS, records, root], check=True, capture_output=True)
+    assert run_cli("sweep", path) == 0
+    assert capsys.readouterr().out.count("complete (skipped)") == 4
+    assert "4 runs: 4 complete" in (root / "report/report.md").read_text()
 
 
 def test_an_interrupted_sweep_resumes_its_points(tmp_path, tiny_bert, glue_root, monkeypatch, capsys):
