@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import statistics
 import tempfile
 from dataclasses import dataclass, field
@@ -39,10 +40,15 @@ class RunInfo:
     manifest: dict = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
+    label: str = ""  # set by the report: unique among its runs (a sweep's runs are all called seed-N)
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return self.label or self.path.name
+
+    @property
+    def file_stem(self) -> str:
+        return self.name.replace("/", "-")
 
     @property
     def task(self) -> str:
@@ -162,14 +168,18 @@ def plot_curves(task: str, runs: list[RunInfo], out: Path) -> str | None:
         return None
     fig, (loss_ax, dev_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     primary = runs[0].primary or "metric"
-    points = [[(s, m[r.primary]) for s, m in r.evals() if r.primary in m] for r in runs]  # per run, its colour
-    for index, r in enumerate(runs):
+    points = [[(s, m[r.primary]) for s, m in r.evals() if r.primary in m] for r in runs]
+    # one colour per sweep point, one dash per seed: 21 runs of 7 methods stay readable
+    keys = list(dict.fromkeys(_point_key(r) for r in runs))
+    colours = [f"C{keys.index(_point_key(r)) % 10}" for r in runs]
+    dashes = [("-", "--", ":", "-.")[[q for q in runs if _point_key(q) == _point_key(r)].index(r) % 4] for r in runs]
+    for r, colour, dash in zip(runs, colours, dashes):
         steps = [row["step"] for row in r.rows if "loss" in row]
         loss_ax.plot(steps, [row["loss"] for row in r.rows if "loss" in row], label=r.name, linewidth=1.2,
-                     color=f"C{index}")
+                     color=colour, linestyle=dash)
     if all(len(p) <= 1 for p in points):  # one evaluation per run: a line would be a single dot
         finals = [(index, p[0][1]) for index, p in enumerate(points) if p]
-        dev_ax.barh(range(len(finals)), [value for _, value in finals], color=[f"C{i}" for i, _ in finals])
+        dev_ax.barh(range(len(finals)), [value for _, value in finals], color=[colours[i] for i, _ in finals])
         dev_ax.set_yticks(range(len(finals)), [runs[i].name for i, _ in finals])
         for y, (_, value) in enumerate(finals):
             dev_ax.annotate(f"{value:.4f}", (value, y), xytext=(3, 0), textcoords="offset points", va="center",
@@ -177,9 +187,9 @@ def plot_curves(task: str, runs: list[RunInfo], out: Path) -> str | None:
         dev_ax.invert_yaxis()
         dev_ax.set(title=f"{task}: final dev {primary}", xlabel=primary)
     else:
-        for index, (r, p) in enumerate(zip(runs, points)):
+        for r, p, colour, dash in zip(runs, points, colours, dashes):
             if p:
-                dev_ax.plot(*zip(*p), marker="o", label=r.name, linewidth=1.2, color=f"C{index}")
+                dev_ax.plot(*zip(*p), marker="o", label=r.name, linewidth=1.2, color=colour, linestyle=dash)
         dev_ax.set(title=f"{task}: dev {primary}", xlabel="optimizer step", ylabel=primary)
     loss_ax.set(title=f"{task}: training loss", xlabel="optimizer step", ylabel="loss")
     for ax in (loss_ax, dev_ax):
@@ -217,7 +227,7 @@ def plot_entries(run: RunInfo, out: Path) -> str | None:
     ax.set_yticks(range(len(grid)), [str(b) for b in range(first, last + 1)], fontsize=7)
     ax.set(title=f"{run.name}: {what}", xlabel="tensor", ylabel="block")
     fig.colorbar(image, ax=ax, label=what)
-    return _save(fig, out / f"entries-{run.name}.png")
+    return _save(fig, out / f"entries-{run.file_stem}.png")
 
 
 def plot_ist(run: RunInfo, out: Path) -> str | None:
@@ -232,7 +242,7 @@ def plot_ist(run: RunInfo, out: Path) -> str | None:
     ax.set(title=f"{run.name}: IST importance", xlabel="optimizer step", ylabel="importance = sigmoid(-score)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=max(1, len(points[0][1]) // 10), loc="best")
-    return _save(fig, out / f"ist-{run.name}.png")
+    return _save(fig, out / f"ist-{run.file_stem}.png")
 
 
 def _recipe_key(run: RunInfo, top: tuple[str, ...] = ("output_dir",), method: tuple[str, ...] = ()) -> str:
@@ -368,9 +378,19 @@ def _seed_table(runs: list[RunInfo]) -> list[str]:
     return lines
 
 
+def label_runs(runs: list[RunInfo]) -> None:
+    """Name each run by its path below the runs' common folder: `mrpc-sift/default/seed-0` in a sweep, where the
+    folder names alone repeat."""
+    if len(runs) > 1:
+        common = Path(os.path.commonpath([r.path.resolve().parent for r in runs]))
+        for r in runs:
+            r.label = r.path.resolve().relative_to(common).as_posix()
+
+
 def build_report(paths: list[Path], out: Path, measure_deltas: bool = True) -> Path:
     """Write out/report.md and its PNGs for the given run directories; returns the markdown path."""
     runs = [load_run(p) for p in paths]
+    label_runs(runs)
     out.mkdir(parents=True, exist_ok=True)
     sizes = {r.path: delta_bytes(r, measure_deltas) for r in runs}
     lines = ["# sparsetune report", "", f"{len(runs)} runs: "

@@ -89,6 +89,25 @@ def test_seeds_of_one_point_are_summarised_and_overlaps_called_noise(tmp_path):
     assert "| zeroing | 5.0% zeroed" not in text.split("over seeds")[1]  # a single-seed point has no row in the seeds table
 
 
+def test_runs_with_equal_folder_names_get_distinct_rows_and_images(tmp_path):
+    """A sweep's runs are all called seed-N: each is labelled by its path below the common folder, so neither
+    the table rows nor the heatmaps of two points collide."""
+    root = tmp_path / "sweep"
+    for point in ("mrpc-sift", "mrpc-random"):
+        run = fake_run(root / point / "default", "seed-0", {"name": "sift", "budget": 0.008}, metrics={"f1": 0.8},
+                       train=done(8000))
+        (run / "mask").mkdir()
+        (run / "mask/mask.json").write_text(json.dumps({"per_tensor": {
+            f"bert.encoder.layer.{i}.attention.self.query.weight": {"k": i + 1, "numel": 100} for i in range(2)}}))
+    out = tmp_path / "report"
+    assert run_cli("report", f"{root}/*/*/*", "-o", out, "--no-measure-deltas") == 0
+    text = (out / "report.md").read_text()
+    assert "| mrpc-sift/default/seed-0 | complete |" in text and "| mrpc-random/default/seed-0 | complete |" in text
+    images = {"entries-mrpc-sift-default-seed-0.png", "entries-mrpc-random-default-seed-0.png"}
+    assert images <= {p.name for p in out.glob("*.png")}
+    assert all(text.count(f"![{name}]") == 1 for name in images)
+
+
 def test_report_of_real_run_measures_and_records_delta(bert_recipe, tmp_path, capsys):
     assert run_cli("train", bert_recipe({"name": "lora", "r": 2}, max_steps=2)) == 0
     run = tmp_path / "run"
