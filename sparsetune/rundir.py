@@ -186,8 +186,9 @@ class RunDir:
             )
         return True
 
-    def changed_keys(self, recipe: Recipe) -> list[str]:
-        """Dotted recipe keys that differ from the recipe saved in the run directory."""
+    def changed_keys(self, recipe: Recipe, recorded_only: bool = False) -> list[str]:
+        """Dotted recipe keys that differ from the recipe saved in the run directory; with `recorded_only`, only
+        keys the saved recipe has (a key added to the recipe schema since, at its default, does not count)."""
         if not self.recipe_path.is_file():
             return []
         old = yaml.safe_load(self.recipe_path.read_text())
@@ -195,7 +196,8 @@ class RunDir:
 
         def diff(a: Any, b: Any, prefix: str) -> list[str]:
             if isinstance(a, dict) and isinstance(b, dict):
-                return [k for key in sorted(set(a) | set(b)) for k in diff(a.get(key), b.get(key), f"{prefix}{key}.")]
+                keys = set(a) if recorded_only else set(a) | set(b)
+                return [k for key in sorted(keys) for k in diff(a.get(key), b.get(key), f"{prefix}{key}.")]
             return [] if a == b else [prefix.rstrip(".")]
 
         return [k for k in diff(old, new, "") if k != "output_dir"]

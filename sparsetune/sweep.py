@@ -41,8 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sparsetune.console import out
 from sparsetune.errors import UserError
 from sparsetune.recipe import load_recipe
-from sparsetune.report import LOWER_IS_BETTER, build_report, load_run
-from sparsetune.rundir import write_json
+from sparsetune.report import LOWER_IS_BETTER, RunInfo, build_report, load_run
+from sparsetune.rundir import RunDir, write_json
 
 SELECTION_FILE = "lr-selection.json"
 
@@ -53,6 +53,8 @@ class LrSelection(BaseModel):
     factors: list[float] | None = Field(None, min_length=2, description="or multiples of each point's own lr: "
                                         "methods whose good lrs lie decades apart share one sweep")
     seed: int = Field(0, ge=0, description="the seed of the selection runs")
+    extend: int = Field(0, ge=0, description="when the best lr is the largest (smallest) tried, try up to this "
+                        "many more beyond it, each one grid step further: a best at the edge is not a tuned lr")
     overrides: list[str] = Field(default_factory=list, description="key=value for the selection runs only "
                                  "(e.g. fewer steps)")
 
@@ -153,6 +155,8 @@ def grid_points(config: SweepConfig) -> list[tuple[Path, str, list[str]]]:
 
 
 def selection_points(config: SweepConfig) -> list[Point]:
+    """Every grid point's selection runs: its listed lrs, then, with `extend`, one more beyond the edge each time
+    the best of the complete runs so far lies at it (a step the size of the grid's outermost one)."""
     sel = config.lr_selection
     if sel is None:
         return []
@@ -160,9 +164,35 @@ def selection_points(config: SweepConfig) -> list[Point]:
     for recipe, name, overrides in grid_points(config):
         own = load_recipe(recipe, overrides).train.lr if sel.factors else 0.0
         lrs = sel.lrs or [float(f"{f * own:.10g}") for f in sel.factors]  # 0.3 * 1e-3 is 0.0003, not ...03
-        points += [Point(f"{name}/lr-selection/lr={lr:g}", recipe, overrides + sel.overrides + [
+        for _ in range(sel.extend):
+            best = _best_lr([load_run(_selection_dir(config.output_root, name, lr)) for lr in lrs])
+            low, high = sorted(lrs)[:2], sorted(lrs)[-2:]
+            if best is None or low[0] < best < high[1]:
+                break
+            lrs = lrs + [float(f"{high[1] ** 2 / high[0] if best == high[1] else low[0] ** 2 / low[1]:.10g}")]
+        points += [Point(_selection_name(name, lr), recipe, overrides + sel.overrides + [
             "task.eval_split=train_holdout", f"train.lr={lr!r}", f"seed={sel.seed}"], selects_for=name) for lr in lrs]
     return points
+
+
+def _selection_name(name: str, lr: float) -> str:
+    return f"{name}/lr-selection/lr={lr:g}"
+
+
+def _selection_dir(root: Path, name: str, lr: float) -> Path:
+    return root / _selection_name(name, lr)
+
+
+def _best_lr(runs: list[RunInfo]) -> float | None:
+    """The lr of the run that scored best on the held-out slice, a tie going to the lower loss there; None until
+    every run is complete."""
+    primary = runs[0].primary if runs else None
+    if not runs or not all(r.status == "complete" and primary in r.metrics for r in runs):
+        return None
+    sign = -1 if primary in LOWER_IS_BETTER else 1
+    # a tie on the metric (all at the majority class, say) goes to the lower held-out loss
+    best = max(runs, key=lambda r: (sign * r.metrics[primary], -r.metrics.get("loss", 0.0)))
+    return float(best.recipe["train"]["lr"])
 
 
 def final_points(config: SweepConfig, chosen: dict[str, dict]) -> list[Point]:
@@ -178,28 +208,29 @@ def final_points(config: SweepConfig, chosen: dict[str, dict]) -> list[Point]:
 
 
 def choose_lrs(config: SweepConfig, selection: list[Point]) -> dict[str, dict]:
-    """Per grid point: the lr whose selection run scored best on the held-out training slice, ties broken by the
-    lower loss there (None until every selection run of that point is complete), the metric and every lr's
-    score."""
+    """Per grid point: the best lr of its selection runs (None until all are complete), whether it lies at the
+    edge of the lrs tried, the metric, and every lr's score and loss."""
     chosen: dict[str, dict] = {}
     for _, name, _ in grid_points(config):
         runs = [load_run(p.run_dir(config.output_root)) for p in selection if p.selects_for == name]
         primary = runs[0].primary if runs else None
-        scores = {str(r.recipe.get("train", {}).get("lr")): r.metrics.get(primary) for r in runs}
-        losses = {str(r.recipe.get("train", {}).get("lr")): r.metrics.get("loss") for r in runs}
-        lr = None
-        if runs and all(r.status == "complete" and primary in r.metrics for r in runs):
-            sign = -1 if primary in LOWER_IS_BETTER else 1
-            # a tie on the metric (all at the majority class, say) goes to the lower held-out loss
-            lr = float(max(runs, key=lambda r: (sign * r.metrics[primary], -r.metrics.get("loss", 0.0)))
-                       .recipe["train"]["lr"])
-        chosen[name] = {"lr": lr, "metric": primary, "split": "train_holdout", "scores": scores, "losses": losses}
+        tried = [float(r.recipe.get("train", {}).get("lr", 0.0)) for r in runs]
+        lr = _best_lr(runs)
+        chosen[name] = {"lr": lr, "at_edge": lr is not None and lr in (min(tried), max(tried)), "metric": primary,
+                        "split": "train_holdout",
+                        "scores": {f"{t:g}": r.metrics.get(primary) for t, r in zip(tried, runs)},
+                        "losses": {f"{t:g}": r.metrics.get("loss") for t, r in zip(tried, runs)}}
     return chosen
 
 
 def status(point: Point, root: Path) -> str:
+    """new, complete, incomplete, failed, or stale: trained under other settings than the point now has (a
+    final seed after its grid point's chosen lr moved), so trained again from the start."""
     run_dir = point.run_dir(root)
-    return load_run(run_dir).status if run_dir.is_dir() else "new"
+    if not run_dir.is_dir():
+        return "new"
+    recipe = load_recipe(point.recipe, point.overrides + [f"output_dir={run_dir}"])
+    return "stale" if RunDir(run_dir).changed_keys(recipe, recorded_only=True) else load_run(run_dir).status
 
 
 class Runner:
@@ -213,12 +244,14 @@ class Runner:
         self.gpus = _gpu_count()
 
     def run(self, points: list[Point]) -> None:
-        todo = [p for p in points if status(p, self.root) != "complete"]
+        states = {p.name: status(p, self.root) for p in points}
         for p in points:
-            if p not in todo:
-                out.print(f"| {p.name} | complete (skipped) |", markup=False, highlight=False)
+            if states[p.name] in ("complete", "stale"):
+                note = "complete (skipped)" if states[p.name] == "complete" else "stale: trained with other settings; training again"
+                out.print(f"| {p.name} | {note} |", markup=False, highlight=False)
+        todo = [(p, states[p.name] == "stale") for p in points if states[p.name] != "complete"]
         with ThreadPoolExecutor(self.jobs) as pool:
-            list(pool.map(self._run_one, todo))
+            list(pool.map(lambda job: self._run_one(*job), todo))
 
     def _env(self, slot: int) -> dict[str, str]:
         env = dict(os.environ)
@@ -228,13 +261,13 @@ class Runner:
                 env["CUDA_VISIBLE_DEVICES"] = str(slot % self.gpus)
         return env
 
-    def _run_one(self, point: Point) -> None:
+    def _run_one(self, point: Point, start_over: bool) -> None:
         slot = self.slots.get()
         try:
             log = self.root / "logs" / f"{point.name.replace('/', '__')}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             command = [sys.executable, "-m", "sparsetune", "train", str(point.recipe), *point.overrides,
-                       f"output_dir={point.run_dir(self.root)}", "--resume"]
+                       f"output_dir={point.run_dir(self.root)}", "--force" if start_over else "--resume"]
             started = time.perf_counter()
             with log.open("w") as handle:
                 code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=self._env(slot)).returncode
@@ -269,13 +302,19 @@ def run_sweep(path: Path, jobs: int, dry_run: bool, measure_deltas: bool) -> int
             out.print(f"{p.name}  final  {status(p, root)}", markup=False, highlight=False)
         return 0
     runner = Runner(root, jobs)
+    ran: set[str] = set()
+    while todo := [p for p in selection if p.name not in ran]:  # each round may extend a grid past its edge
+        runner.run(todo)
+        ran |= {p.name for p in todo}
+        selection = selection_points(config)
+    chosen = choose_lrs(config, selection) if selection else {}
     if selection:
-        runner.run(selection)
-        chosen = choose_lrs(config, selection)
         write_json(root / SELECTION_FILE, chosen)
         out.print(f"learning rates chosen on the held-out training slice: {root / SELECTION_FILE}")
-    else:
-        chosen = {}
+        for name, choice in chosen.items():
+            if choice["at_edge"]:
+                out.print(f"[yellow]warning:[/] {name}: the best lr, {choice['lr']:g}, is the edge of those tried "
+                          f"({', '.join(choice['scores'])}); widen the list or raise lr_selection.extend")
     finals = final_points(config, chosen)
     runner.run(finals)
     existing = [p.run_dir(root) for p in finals if p.run_dir(root).is_dir()]

@@ -109,6 +109,33 @@ def test_lr_selection_scores_a_training_slice_and_never_reads_dev(tmp_path, tiny
         assert choose_lrs(config, selection_points(config))["base/default"]["lr"] == (1e-4 if first_wins else 5e-2)
 
 
+def test_a_best_at_the_edge_extends_the_grid_and_a_moved_choice_trains_again(tmp_path, tiny_bert, glue_root, capsys):
+    """With `extend`, a best at an edge of the lrs tried adds one grid step beyond it; the seeds trained at the
+    old choice are stale and train again at the new one."""
+    lrs = [1e-4, 1e-3, 1e-2]
+    path = sweep_file(tmp_path, tiny_bert, glue_root, lr_selection={"lrs": lrs})
+    assert run_cli("sweep", path) == 0
+    root = tmp_path / "sweep"
+    first = json.loads((root / "lr-selection.json").read_text())["base/default"]["lr"]
+    edge = 1e-2 if first != 1e-2 else 1e-4  # an edge the first choice was not: the choice must move
+    for results_file in root.glob("base/default/lr-selection/lr=*/eval/results.json"):
+        results = json.loads(results_file.read_text())
+        results["metrics"]["accuracy"] = 2.0 if results_file.parts[-3] == f"lr={edge:g}" else 0.0
+        results_file.write_text(json.dumps(results))
+    path = sweep_file(tmp_path, tiny_bert, glue_root, lr_selection={"lrs": lrs, "extend": 1})
+    capsys.readouterr()
+    assert run_cli("sweep", path, "--dry-run") == 0
+    beyond = 0.1 if edge == 1e-2 else 1e-5
+    assert f"base/default/lr-selection/lr={beyond:g}  selection  new" in capsys.readouterr().out
+    assert run_cli("sweep", path) == 0
+    chosen = json.loads((root / "lr-selection.json").read_text())["base/default"]
+    assert set(chosen["scores"]) == {f"{lr:g}" for lr in [*lrs, beyond]}
+    assert (chosen["lr"], chosen["at_edge"]) == (edge, False)  # the step beyond scored below the faked 2.0
+    assert "base/default/seed-0 | stale: trained with other settings" in capsys.readouterr().out
+    assert yaml.safe_load((root / "base/default/seed-0/recipe.yaml").read_text())["train"]["lr"] == edge
+    assert json.loads((root / "base/default/seed-0/manifest.json").read_text())["stages"]["train"]["completed"]
+
+
 def test_lr_factors_scale_each_points_own_lr(tmp_path, tiny_bert, glue_root, capsys):
     path = sweep_file(tmp_path, tiny_bert, glue_root, lr_selection={"factors": [0.3, 3]},
                       recipes=[{"recipe": str(tmp_path / "base.yaml"), "name": "a"},
