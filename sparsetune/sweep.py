@@ -29,7 +29,8 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Queue
@@ -223,6 +224,15 @@ def choose_lrs(config: SweepConfig, selection: list[Point]) -> dict[str, dict]:
     return chosen
 
 
+def ready_points(config: SweepConfig, started: set[str]) -> tuple[list[Point], dict[str, dict]]:
+    """The points not in `started` that may run now (complete ones too: the runner skips them), and the lr
+    choices so far. Selection runs come first, each bringing a grid point nearer its choice; then the seeds of
+    every grid point whose lr is chosen (its selection runs complete, no step beyond an edge due)."""
+    selection = selection_points(config)
+    chosen = choose_lrs(config, selection) if selection else {}
+    return [p for p in selection + final_points(config, chosen) if p.name not in started], chosen
+
+
 def status(point: Point, root: Path) -> str:
     """new, complete, incomplete, failed, or stale: trained under other settings than the point now has (a
     final seed after its grid point's chosen lr moved), so trained again from the start."""
@@ -234,7 +244,9 @@ def status(point: Point, root: Path) -> str:
 
 
 class Runner:
-    """Runs points as `sparsetune train --resume` subprocesses, `jobs` at a time, one device slot each."""
+    """Runs points as `sparsetune train --resume` subprocesses, `jobs` at a time, one device slot each, taking
+    each next one from a plan asked again whenever a point ends: a grid point's seeds start as soon as its lr is
+    chosen, while other points are still selecting, so no lane waits for a round to finish."""
 
     def __init__(self, root: Path, jobs: int) -> None:
         self.root, self.jobs = root, jobs
@@ -243,15 +255,30 @@ class Runner:
             self.slots.put(slot)
         self.gpus = _gpu_count()
 
-    def run(self, points: list[Point]) -> None:
-        states = {p.name: status(p, self.root) for p in points}
-        for p in points:
-            if states[p.name] in ("complete", "stale"):
-                note = "complete (skipped)" if states[p.name] == "complete" else "stale: trained with other settings; training again"
-                out.print(f"| {p.name} | {note} |", markup=False, highlight=False)
-        todo = [(p, states[p.name] == "stale") for p in points if states[p.name] != "complete"]
+    def run(self, plan: Callable[[set[str]], list[Point]]) -> None:
+        """`plan(started)`: the points that may start now, most urgent first, leaving out those named in
+        `started`. Each point is taken once: complete ones are skipped, stale ones trained again from the start."""
+        started: set[str] = set()
+        running: set[Future] = set()
         with ThreadPoolExecutor(self.jobs) as pool:
-            list(pool.map(lambda job: self._run_one(*job), todo))
+            while True:
+                for point in plan(started):
+                    if len(running) == self.jobs:
+                        break
+                    started.add(point.name)
+                    state = status(point, self.root)
+                    if state == "complete":
+                        out.print(f"| {point.name} | complete (skipped) |", markup=False, highlight=False)
+                        continue
+                    if state == "stale":
+                        out.print(f"| {point.name} | stale: trained with other settings; training again |",
+                                  markup=False, highlight=False)
+                    running.add(pool.submit(self._run_one, point, state == "stale"))
+                if not running:
+                    return
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    future.result()
 
     def _env(self, slot: int) -> dict[str, str]:
         env = dict(os.environ)
@@ -302,21 +329,22 @@ def run_sweep(path: Path, jobs: int, dry_run: bool, measure_deltas: bool) -> int
             out.print(f"{p.name}  final  {status(p, root)}", markup=False, highlight=False)
         return 0
     runner = Runner(root, jobs)
-    ran: set[str] = set()
-    while todo := [p for p in selection if p.name not in ran]:  # each round may extend a grid past its edge
-        runner.run(todo)
-        ran |= {p.name for p in todo}
-        selection = selection_points(config)
-    chosen = choose_lrs(config, selection) if selection else {}
-    if selection:
-        write_json(root / SELECTION_FILE, chosen)
+
+    def plan(started: set[str]) -> list[Point]:
+        todo, chosen = ready_points(config, started)
+        if chosen:  # kept current, so a sweep stopped midway leaves its choices so far on disk
+            write_json(root / SELECTION_FILE, chosen)
+        return todo
+
+    runner.run(plan)
+    _, chosen = ready_points(config, set())
+    if chosen:
         out.print(f"learning rates chosen on the held-out training slice: {root / SELECTION_FILE}")
         for name, choice in chosen.items():
             if choice["at_edge"]:
                 out.print(f"[yellow]warning:[/] {name}: the best lr, {choice['lr']:g}, is the edge of those tried "
                           f"({', '.join(choice['scores'])}); widen the list or raise lr_selection.extend")
     finals = final_points(config, chosen)
-    runner.run(finals)
     existing = [p.run_dir(root) for p in finals if p.run_dir(root).is_dir()]
     if existing:
         report = build_report(existing, root / "report", measure_deltas)

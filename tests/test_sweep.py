@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from conftest import run_cli, write_recipe
-from sparsetune.sweep import choose_lrs, load_sweep, selection_points
+from sparsetune.sweep import choose_lrs, load_sweep, ready_points, selection_points, status
 
 FAULTS = Path(__file__).parent / "faults"
 RECORDS = Path(__file__).parents[1] / "scripts" / "sweep_records.py"
@@ -144,6 +144,33 @@ def test_lr_factors_scale_each_points_own_lr(tmp_path, tiny_bert, glue_root, cap
     selection = [line.split()[0] for line in capsys.readouterr().out.splitlines() if "selection" in line.split()[1:2]]
     assert selection == ["a/default/lr-selection/lr=0.0003", "a/default/lr-selection/lr=0.003",
                          "b/default/lr-selection/lr=1.5e-05", "b/default/lr-selection/lr=0.00015"]
+
+
+def _recorded_selection(run_dir: Path, lr: float, accuracy: float) -> None:
+    """A complete selection run as its records leave it: the recipe's lr, a finished train stage, a score."""
+    (run_dir / "eval").mkdir(parents=True)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump({"task": {"name": "sst2"}, "train": {"lr": lr}}))
+    (run_dir / "manifest.json").write_text(json.dumps({"stages": {"train": {"completed": True}}}))
+    (run_dir / "eval/results.json").write_text(json.dumps({"metrics": {"accuracy": accuracy, "loss": 0.5}}))
+
+
+def test_a_chosen_lr_starts_its_seeds_while_another_point_still_selects(tmp_path, tiny_bert, glue_root):
+    """No barrier between selection and the seeds: once a grid point's lr is chosen its seeds are ready, even
+    while another point's best lies at an edge and a step beyond it has yet to run."""
+    path = sweep_file(tmp_path, tiny_bert, glue_root, seeds=[0, 1],
+                      lr_selection={"lrs": [1e-4, 1e-3, 1e-2], "extend": 1},
+                      recipes=[{"recipe": str(tmp_path / "base.yaml"), "name": "a"},
+                               {"recipe": str(tmp_path / "base.yaml"), "name": "b"}])
+    config = load_sweep(path)
+    for name, best in (("a", 1e-3), ("b", 1e-2)):  # a's best inside its lrs, b's at the top edge
+        for lr in (1e-4, 1e-3, 1e-2):
+            _recorded_selection(tmp_path / f"sweep/{name}/default/lr-selection/lr={lr:g}", lr, 0.9 if lr == best else 0.6)
+    ready, chosen = ready_points(config, set())
+    ready = [p for p in ready if status(p, config.output_root) != "complete"]  # the runner skips those
+    assert [p.name for p in ready] == ["b/default/lr-selection/lr=0.1", "a/default/seed-0", "a/default/seed-1"]
+    assert (chosen["a/default"]["lr"], chosen["b/default"]["lr"]) == (1e-3, None)
+    assert all("train.lr=0.001" in p.overrides for p in ready[1:])
+    assert "a/default/seed-0" not in [p.name for p in ready_points(config, {"a/default/seed-0"})[0]]
 
 
 def test_a_bad_sweep_file_is_one_line(tmp_path, tiny_bert, glue_root, capsys):
