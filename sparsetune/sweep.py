@@ -104,7 +104,8 @@ class Point:
     name: str  # the run directory relative to output_root
     recipe: Path
     overrides: list[str]
-    selects_for: str | None = None  # a selection run: the grid point it chooses the lr of
+    selects_for: str | None = None  # a selection run: the grid point it chooses the lr of, and its lr
+    lr: float | None = None
 
     def run_dir(self, root: Path) -> Path:
         return root / self.name
@@ -172,7 +173,8 @@ def selection_points(config: SweepConfig) -> list[Point]:
                 break
             lrs = lrs + [float(f"{high[1] ** 2 / high[0] if best == high[1] else low[0] ** 2 / low[1]:.10g}")]
         points += [Point(_selection_name(name, lr), recipe, overrides + sel.overrides + [
-            "task.eval_split=train_holdout", f"train.lr={lr!r}", f"seed={sel.seed}"], selects_for=name) for lr in lrs]
+            "task.eval_split=train_holdout", f"train.lr={lr!r}", f"seed={sel.seed}"], selects_for=name, lr=lr)
+            for lr in lrs]
     return points
 
 
@@ -213,9 +215,10 @@ def choose_lrs(config: SweepConfig, selection: list[Point]) -> dict[str, dict]:
     edge of the lrs tried, the metric, and every lr's score and loss."""
     chosen: dict[str, dict] = {}
     for _, name, _ in grid_points(config):
-        runs = [load_run(p.run_dir(config.output_root)) for p in selection if p.selects_for == name]
+        points = [p for p in selection if p.selects_for == name]
+        runs = [load_run(p.run_dir(config.output_root)) for p in points]
         primary = runs[0].primary if runs else None
-        tried = [float(r.recipe.get("train", {}).get("lr", 0.0)) for r in runs]
+        tried = [p.lr for p in points]  # a run not yet started has no recipe on disk to read it from
         lr = _best_lr(runs)
         chosen[name] = {"lr": lr, "at_edge": lr is not None and lr in (min(tried), max(tried)), "metric": primary,
                         "split": "train_holdout",

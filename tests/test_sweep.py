@@ -169,6 +169,7 @@ def test_a_chosen_lr_starts_its_seeds_while_another_point_still_selects(tmp_path
     ready = [p for p in ready if status(p, config.output_root) != "complete"]  # the runner skips those
     assert [p.name for p in ready] == ["b/default/lr-selection/lr=0.1", "a/default/seed-0", "a/default/seed-1"]
     assert (chosen["a/default"]["lr"], chosen["b/default"]["lr"]) == (1e-3, None)
+    assert chosen["b/default"]["scores"] == {"0.0001": 0.6, "0.001": 0.6, "0.01": 0.9, "0.1": None}  # kept midway
     assert all("train.lr=0.001" in p.overrides for p in ready[1:])
     assert "a/default/seed-0" not in [p.name for p in ready_points(config, {"a/default/seed-0"})[0]]
 
