@@ -142,6 +142,13 @@ class Trainer:
         warmup = round(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(warmup, self.total_steps))
         self.step, self.consumed = 0, 0
+        # Training seconds up to the loaded checkpoint, so a resumed run reports the whole time it took to get
+        # here (an interrupted attempt's work past its last checkpoint is redone, and only counted once).
+        self.seconds_before, self._started = 0.0, time.perf_counter()
+
+    def seconds(self) -> float:
+        """Training time to the current step, over every attempt."""
+        return self.seconds_before + time.perf_counter() - self._started
 
     # --- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -162,7 +169,7 @@ class Trainer:
                 state["cuda_rng"] = cuda_rng
             torch.save(state, tmp / "state.pt")
             write_json(tmp / "trainer.json", {"step": self.step, "micro_batches": self.consumed,
-                                              "world_size": self.world.size,
+                                              "world_size": self.world.size, "train_seconds": round(self.seconds(), 2),
                                               "recipe_fingerprint": self.s.recipe.fingerprint()})
             self.run.seal(tmp)
         self.run.prune_checkpoints(self.cfg.keep_checkpoints)
@@ -185,6 +192,7 @@ class Trainer:
         if "cuda_rng" in state and self.placement.device.type == "cuda":
             torch.cuda.set_rng_state(_rank_state(state["cuda_rng"], self.world.rank), self.placement.device)
         self.step, self.consumed = info["step"], info["micro_batches"]
+        self.seconds_before = info.get("train_seconds", 0.0)
 
     # --- the loop -----------------------------------------------------------------------------
     def train(self, stop_at_step: int | None = None) -> bool:
@@ -196,8 +204,8 @@ class Trainer:
                                 *placement.loader_settings(cfg.loader_workers))
         s.model.train()
         window_loss = torch.zeros((), device=placement.device)  # read at log time: no device sync per micro-batch
-        started, window_steps, window_examples, window_tokens = time.perf_counter(), 0, 0, 0
-        window_start = started
+        window_steps, window_examples, window_tokens = 0, 0, 0
+        self._started = window_start = time.perf_counter()
         with self._progress() as progress:
             task = progress.add_task("train", total=self.total_steps, completed=self.step, status="")
             while self.step < self.total_steps:
@@ -234,7 +242,7 @@ class Trainer:
                            "grad_norm": None if grad_norm is None else float(grad_norm),
                            "examples_per_s": window_examples / (now - window_start),
                            "tokens_per_s": float(ranks.all_reduce_(torch.tensor(window_tokens, dtype=torch.float64)))
-                           / (now - window_start), "elapsed_s": now - started}
+                           / (now - window_start), "elapsed_s": self.seconds()}
                     run.append_metrics(row)
                     status = (f"loss {row['loss']:.4f} lr {lr:.2e} {row['examples_per_s']:.1f} ex/s"
                               f"{placement.memory_status()}")
@@ -341,10 +349,9 @@ def train_run(recipe: Recipe, run: RunDir, console: Console, resume: bool, stop_
     )
     trim_host_memory()  # what loading and tokenizing freed
     placement.reset_peak_memory()
-    earlier = run.manifest().get("stages", {}).get("train", {}).get("wall_time_s", 0.0) if trainer.step else 0.0
-    started, first_step = time.perf_counter(), trainer.step
+    first_step = trainer.step
     finished = trainer.train(stop_at_step)
-    elapsed = earlier + time.perf_counter() - started
+    elapsed = trainer.seconds()
     if (sent := bytes_all_reduced(trainer.module)) is not None and trainer.step > first_step:
         scale["allreduce_bytes_per_step"] = round(sent / (trainer.step - first_step))
     if not finished:

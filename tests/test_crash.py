@@ -3,6 +3,7 @@ uninterrupted run; `export-delta` and `apply-delta` killed midway leave nothing 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from sparsetune.rundir import CHECKSUMS, RunDir
 
 from conftest import run_cli, write_recipe
 from test_methods import losses
@@ -26,7 +29,8 @@ KILLS = {"optimizer:3": "inside step 3, before AdamW moves (the newest checkpoin
 
 
 def killed(*args: str, moment: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONPATH": str(FAULTS), "SPARSETUNE_TEST_KILL": moment}
+    path = os.pathsep.join(filter(None, [str(FAULTS), os.environ.get("PYTHONPATH")]))
+    env = os.environ | {"PYTHONPATH": path, "SPARSETUNE_TEST_KILL": moment}
     return subprocess.run([sys.executable, "-m", "sparsetune", *map(str, args)], env=env, capture_output=True,
                           text=True, timeout=300)
 
@@ -59,6 +63,24 @@ def test_killed_training_resumes_bit_identical(tmp_path, recipe, straight, momen
     assert losses(run) == losses(straight)
     assert (run / "eval/results.json").read_text().replace(str(run), "") == \
         (straight / "eval/results.json").read_text().replace(str(straight), "")
+
+
+def test_a_resumed_run_counts_the_time_before_its_checkpoint(tmp_path, recipe):
+    """The time a report shows for a killed and resumed run is the whole time to reach the end: the attempt
+    before the checkpoint counts. The checkpoint says that attempt took 1000 s, far longer than any here."""
+    run = tmp_path / "run"
+    assert killed("train", recipe, f"output_dir={run}", moment="optimizer:3").returncode == -9
+    checkpoint = run / "checkpoints/step-2"
+    info = json.loads((checkpoint / "trainer.json").read_text())
+    assert 0 < info["train_seconds"] < 1000
+    (checkpoint / "trainer.json").write_text(json.dumps({**info, "train_seconds": 1000.0}))
+    (checkpoint / CHECKSUMS).unlink()
+    RunDir.seal(checkpoint)
+    assert run_cli("train", recipe, f"output_dir={run}", "--resume") == 0
+    assert 1000 < json.loads((run / "manifest.json").read_text())["stages"]["train"]["wall_time_s"] < 1300
+    elapsed = [r["elapsed_s"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+               if "elapsed_s" in r]
+    assert len(elapsed) == 6 and elapsed[:2] == sorted(elapsed[:2]) and all(e > 1000 for e in elapsed[2:])
 
 
 @pytest.mark.parametrize("command,moment", [("export-delta", "delta:1"), ("apply-delta", "merged:1")])
