@@ -86,6 +86,10 @@ class RunInfo:
         return self.manifest.get("stages", {}).get("train", {})
 
     @property
+    def lr(self) -> float | None:
+        return self.recipe.get("train", {}).get("lr")
+
+    @property
     def wall_time_s(self) -> float | None:
         """Warm-up, selection and training together (evaluation not included)."""
         stages = self.manifest.get("stages", {})
@@ -245,9 +249,10 @@ def plot_ist(run: RunInfo, out: Path) -> str | None:
     return _save(fig, out / f"ist-{run.file_stem}.png")
 
 
-def _recipe_key(run: RunInfo, top: tuple[str, ...] = ("output_dir",), method: tuple[str, ...] = ()) -> str:
-    """The recipe without the `top` keys and the `method` keys (IST's base's too): runs with equal keys differ
-    only in those."""
+def _recipe_key(run: RunInfo, top: tuple[str, ...] = ("output_dir",), method: tuple[str, ...] = (),
+                train: tuple[str, ...] = ()) -> str:
+    """The recipe without the `top` keys, the `method` keys (IST's base's too) and the `train` keys: runs with
+    equal keys differ only in those."""
     recipe = json.loads(json.dumps(run.recipe, default=str))
     for key in top:
         recipe.pop(key, None)
@@ -255,33 +260,55 @@ def _recipe_key(run: RunInfo, top: tuple[str, ...] = ("output_dir",), method: tu
         if isinstance(section, dict):
             for key in method:
                 section.pop(key, None)
+    for key in train:
+        recipe.get("train", {}).pop(key, None)
     return json.dumps(recipe, sort_keys=True)
 
 
-def _curve_key(run: RunInfo) -> str:
-    """Runs with equal keys differ only in budget: the points of one budget curve."""
-    return _recipe_key(run, method=BUDGET_KEYS)
+def budget_curves(runs: list[RunInfo]) -> list[dict[int, list[RunInfo]]]:
+    """The budget curves among complete runs: runs that differ only in budget, seed and lr are one curve, whose
+    points are its trainable counts, each holding its seeds. The lr may differ between counts (a sweep selects
+    one per count) but not within one: a curve with two lrs at one count is split by lr."""
+    groups: dict[str, list[RunInfo]] = {}
+    for r in runs:
+        if r.status == "complete" and r.trainable and r.primary in r.metrics:
+            key = _recipe_key(r, top=("output_dir", "seed"), method=BUDGET_KEYS, train=("lr",))
+            groups.setdefault(key, []).append(r)
+    curves = []
+    for members in groups.values():
+        lrs_at: dict[int, set] = {}
+        for r in members:
+            lrs_at.setdefault(r.trainable, set()).add(r.lr)
+        split = any(len(lrs) > 1 for lrs in lrs_at.values())
+        by_lr: dict = {}
+        for r in members:
+            by_lr.setdefault(r.lr if split else None, []).append(r)
+        for part in by_lr.values():
+            points: dict[int, list[RunInfo]] = {}
+            for r in sorted(part, key=lambda r: r.trainable):
+                points.setdefault(r.trainable, []).append(r)
+            if len(points) > 1:
+                curves.append(points)
+    return curves
 
 
 def plot_budget(task: str, runs: list[RunInfo], out: Path) -> str | None:
-    """Primary metric against trainable entries (log scale) for runs that differ only in budget."""
-    curves: dict[str, list[RunInfo]] = {}
-    for r in runs:
-        if r.status == "complete" and r.trainable and r.primary in r.metrics:
-            curves.setdefault(_curve_key(r), []).append(r)
-    curves = {k: v for k, v in curves.items() if len({r.trainable for r in v}) > 1}
+    """Primary metric against trainable entries (log scale), one line per budget curve: each point the mean over
+    its seeds, with a bar of one standard deviation where there are several."""
+    curves = budget_curves(runs)
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for index, members in enumerate(curves.values()):  # distinct markers and dashes keep equal curves visible
-        members.sort(key=lambda r: r.trainable)
-        ax.plot([r.trainable for r in members], [r.metrics[r.primary] for r in members], label=members[0].method,
-                marker="os^vDP"[index % 6], linestyle=("-", "--", ":", "-.")[index % 4], markersize=(8, 6.5, 5)[index % 3],
-                alpha=0.85)
+    for index, points in enumerate(curves):  # distinct markers and dashes keep equal curves visible
+        stats = [mean_std([r.metrics[r.primary] for r in seeds]) for seeds in points.values()]
+        first = next(iter(points.values()))[0]
+        ax.errorbar(list(points), [m for m, _ in stats], yerr=[s for _, s in stats], label=first.method,
+                    marker="os^vDP"[index % 6], linestyle=("-", "--", ":", "-.")[index % 4],
+                    markersize=(8, 6.5, 5)[index % 3], capsize=3, alpha=0.85)
     primary = runs[0].primary
     ax.set_xscale("log")
     ax.set(title=f"{task}: dev {primary} against trainable entries", xlabel="trainable entries (log scale)",
-           ylabel=primary)
+           ylabel=f"{primary} (mean ± std over seeds)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _save(fig, out / f"budget-{task}.png")
@@ -370,7 +397,7 @@ def _seed_table(runs: list[RunInfo]) -> list[str]:
         mean, std = stats[key][primary]
         verdict = ("best" if key == best else "within noise" if mean - std <= high and mean + std >= low
                    else f"{'below' if sign > 0 else 'above'} by {abs(mean - stats[best][primary][0]):.4f}")
-        cells = [group[0].method, group[0].budget, _fmt(group[0].recipe.get("train", {}).get("lr"), "g"),
+        cells = [group[0].method, group[0].budget, _fmt(group[0].lr, "g"),
                  ", ".join(str(r.recipe.get("seed", "?")) for r in group),
                  *[f"{stats[key][m][0]:.4f} ± {stats[key][m][1]:.4f}" if m in stats[key] else "—" for m in metric_names],
                  verdict]

@@ -89,6 +89,29 @@ def test_seeds_of_one_point_are_summarised_and_overlaps_called_noise(tmp_path):
     assert "| zeroing | 5.0% zeroed" not in text.split("over seeds")[1]  # a single-seed point has no row in the seeds table
 
 
+def test_budget_curve_averages_seeds_and_lets_each_count_have_its_own_lr(tmp_path):
+    """A swept budget curve: each count at its selected lr, three seeds each, is one curve of two points; a
+    second lr at one count (a grid over lrs, not a selection) splits the curve by lr instead of mixing them."""
+    from sparsetune.report import budget_curves, load_run
+
+    def sift(name: str, budget: int, lr: float, seed: int) -> Path:
+        run = fake_run(tmp_path, name, {"name": "sift", "budget": budget}, metrics={"f1": 0.8}, train=done(budget),
+                       seed=seed)
+        recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+        (run / "recipe.yaml").write_text(yaml.safe_dump(recipe | {"train": recipe["train"] | {"lr": lr}}))
+        return run
+
+    selected = [sift(f"b{budget}-s{seed}", budget, lr, seed)
+                for budget, lr in ((1000, 3e-3), (100000, 1e-3)) for seed in range(3)]
+    curves = budget_curves([load_run(p) for p in selected])
+    assert [{count: len(seeds) for count, seeds in c.items()} for c in curves] == [{1000: 3, 100000: 3}]
+
+    gridded = selected + [sift(f"b1000-lr-s{seed}", 1000, 1e-3, seed) for seed in range(3)]
+    curves = budget_curves([load_run(p) for p in gridded])
+    assert [{count: len(seeds) for count, seeds in c.items()} for c in curves] == [{1000: 3, 100000: 3}]
+    assert {r.recipe["train"]["lr"] for c in curves for seeds in c.values() for r in seeds} == {1e-3}
+
+
 def test_runs_with_equal_folder_names_get_distinct_rows_and_images(tmp_path):
     """A sweep's runs are all called seed-N: each is labelled by its path below the common folder, so neither
     the table rows nor the heatmaps of two points collide."""
