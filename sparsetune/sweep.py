@@ -195,7 +195,7 @@ def _best_lr(runs: list[RunInfo]) -> float | None:
     sign = -1 if primary in LOWER_IS_BETTER else 1
     # a tie on the metric (all at the majority class, say) goes to the lower held-out loss
     best = max(runs, key=lambda r: (sign * r.metrics[primary], -r.metrics.get("loss", 0.0)))
-    return float(best.recipe["train"]["lr"])
+    return float(best.lr)
 
 
 def final_points(config: SweepConfig, chosen: dict[str, dict]) -> list[Point]:

@@ -15,11 +15,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def fake_run(root: Path, name: str, method: dict, task: str = "mrpc", metrics: dict | None = None,
-             train: dict | None = None, rows: list[dict] | None = None, seed: int = 0) -> Path:
+             train: dict | None = None, rows: list[dict] | None = None, seed: int = 0, lr: float = 1e-3) -> Path:
     run = root / name
     (run / "eval").mkdir(parents=True)
     recipe = {"output_dir": str(run), "seed": seed, "model": {"name": "minilm-l6", "max_length": 128},
-              "task": {"name": task}, "method": method, "train": {"max_steps": 40, "lr": 1e-3}}
+              "task": {"name": task}, "method": method, "train": {"max_steps": 40, "lr": lr}}
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     manifest = {"recipe_fingerprint": "x", "stages": {"train": train} if train else {}}
     (run / "manifest.json").write_text(json.dumps(manifest))
@@ -95,11 +95,8 @@ def test_budget_curve_averages_seeds_and_lets_each_count_have_its_own_lr(tmp_pat
     from sparsetune.report import budget_curves, load_run
 
     def sift(name: str, budget: int, lr: float, seed: int) -> Path:
-        run = fake_run(tmp_path, name, {"name": "sift", "budget": budget}, metrics={"f1": 0.8}, train=done(budget),
-                       seed=seed)
-        recipe = yaml.safe_load((run / "recipe.yaml").read_text())
-        (run / "recipe.yaml").write_text(yaml.safe_dump(recipe | {"train": recipe["train"] | {"lr": lr}}))
-        return run
+        return fake_run(tmp_path, name, {"name": "sift", "budget": budget}, metrics={"f1": 0.8}, train=done(budget),
+                        seed=seed, lr=lr)
 
     selected = [sift(f"b{budget}-s{seed}", budget, lr, seed)
                 for budget, lr in ((1000, 3e-3), (100000, 1e-3)) for seed in range(3)]
