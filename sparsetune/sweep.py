@@ -304,8 +304,9 @@ class Runner:
             info = load_run(point.run_dir(self.root))
             metric = f"{info.primary}={info.metrics[info.primary]:.4f}" if info.primary in info.metrics else ""
             state = info.status if code == 0 else f"failed (exit {code}; {log})"
-            out.print(f"| {point.name} | {state} | {metric} | {time.perf_counter() - started:.0f} s |",
-                      markup=False, highlight=False)
+            # the run's own time summed over every resume, as the report shows it; this call's if none is recorded
+            took = info.wall_time_s if info.wall_time_s is not None else time.perf_counter() - started
+            out.print(f"| {point.name} | {state} | {metric} | {took:.0f} s |", markup=False, highlight=False)
         finally:
             self.slots.put(slot)
 

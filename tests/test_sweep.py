@@ -71,10 +71,16 @@ def test_an_interrupted_sweep_resumes_its_points(tmp_path, tiny_bert, glue_root,
     assert all((root / f"base/default/seed-{s}/checkpoints/step-2").is_dir() for s in (0, 1))
     monkeypatch.delenv("SPARSETUNE_TEST_KILL")
     assert run_cli("sweep", path) == 0
+    printed = capsys.readouterr().out
     for seed in (0, 1):
         log = (root / "logs" / f"base__default__seed-{seed}.log").read_text()
         assert "resumed from checkpoints/step-2" in log
-        assert json.loads((root / f"base/default/seed-{seed}/manifest.json").read_text())["stages"]["train"]["completed"]
+        stages = json.loads((root / f"base/default/seed-{seed}/manifest.json").read_text())["stages"]
+        assert stages["train"]["completed"]
+        # the time printed is the run's, over both invocations, not only the one that finished it
+        took = sum(stages[s]["wall_time_s"] for s in ("warmup", "select", "train") if s in stages)
+        line = next(x for x in printed.splitlines() if x.startswith(f"| base/default/seed-{seed} | complete |"))
+        assert line.endswith(f"| {took:.0f} s |")
 
 
 def test_lr_selection_scores_a_training_slice_and_never_reads_dev(tmp_path, tiny_bert, glue_root, capsys):
