@@ -345,18 +345,30 @@ def _table(runs: list[RunInfo], sizes: dict[Path, int | None]) -> list[str]:
 
 
 def _mean_row(runs: list[RunInfo]) -> list[str]:
-    """Per method, each task's primary metric (the mean over its runs: seeds) and their average over tasks
-    (when the method completed every task)."""
+    """Per method, each task's primary metric as mean ± std over its runs (seeds), and their average over tasks
+    when the method completed every task: with the same seeds on every task, each seed's average over the tasks,
+    then mean ± std of those, so the spread is the seeds' and not the tasks'."""
     tasks = sorted({r.task for r in runs})
-    values: dict[str, dict[str, list[float]]] = {}
+    values: dict[str, dict[str, dict[object, float]]] = {}
     for r in runs:
         if r.status == "complete" and r.primary in r.metrics:
-            values.setdefault(r.method, {}).setdefault(r.task, []).append(r.metrics[r.primary])
-    by_method = {m: {t: statistics.fmean(v) for t, v in per_task.items()} for m, per_task in values.items()}
+            seeds = values.setdefault(r.method, {}).setdefault(r.task, {})
+            seeds[r.recipe.get("seed", len(seeds))] = r.metrics[r.primary]
+
+    def cell(scores: list[float]) -> str:
+        mean, std = mean_std(scores)
+        return f"{mean:.4f} ± {std:.4f}" if len(scores) > 1 else f"{mean:.4f}"
+
     lines = ["| method | " + " | ".join(tasks) + " | average |", "|" + "---|" * (len(tasks) + 2)]
-    for method, scores in sorted(by_method.items()):
-        cells = [f"{scores[t]:.4f}" if t in scores else "—" for t in tasks]
-        average = f"{sum(scores.values()) / len(tasks):.4f}" if len(scores) == len(tasks) else "—"
+    for method, per_task in sorted(values.items()):
+        cells = [cell(list(per_task[t].values())) if t in per_task else "—" for t in tasks]
+        average = "—"
+        if len(per_task) == len(tasks):
+            seed_sets = {frozenset(per_seed) for per_seed in per_task.values()}
+            if len(seed_sets) == 1:
+                average = cell([statistics.fmean(per_task[t][s] for t in tasks) for s in sorted(next(iter(seed_sets)))])
+            else:
+                average = f"{statistics.fmean(statistics.fmean(v.values()) for v in per_task.values()):.4f}"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {average} |")
     return lines
 

@@ -89,6 +89,23 @@ def test_seeds_of_one_point_are_summarised_and_overlaps_called_noise(tmp_path):
     assert "| zeroing | 5.0% zeroed" not in text.split("over seeds")[1]  # a single-seed point has no row in the seeds table
 
 
+def test_summary_over_tasks_averages_each_seed_then_spreads_over_seeds(tmp_path):
+    """The per-task summary: mean ± std per task, and the average over tasks as each seed's average, then mean ±
+    std over seeds (seed 0: (0.80 + 0.60) / 2 = 0.70, seed 1: 0.74, seed 2: 0.72), not the spread of the tasks."""
+    runs = tmp_path / "runs"
+    scores = {("mrpc", "f1"): [0.80, 0.84, 0.82], ("sst2", "accuracy"): [0.60, 0.64, 0.62]}
+    for (task, metric), values in scores.items():
+        for seed, value in enumerate(values):
+            fake_run(runs, f"{task}-sift-{seed}", {"name": "sift", "budget": 0.008}, task=task,
+                     metrics={metric: value}, train=done(1000), seed=seed)
+    fake_run(runs, "mrpc-lora-0", {"name": "lora", "r": 3}, metrics={"f1": 0.5}, train=done(1000))
+    out = tmp_path / "report"
+    assert run_cli("report", f"{runs}/*", "-o", out, "--no-measure-deltas") == 0
+    text = (out / "report.md").read_text()
+    assert "| sift | 0.8200 ± 0.0200 | 0.6200 ± 0.0200 | 0.7200 ± 0.0200 |" in text
+    assert "| lora | 0.5000 | — | — |" in text
+
+
 def test_budget_curve_averages_seeds_and_lets_each_count_have_its_own_lr(tmp_path):
     """A swept budget curve: each count at its selected lr, three seeds each, is one curve of two points; a
     second lr at one count (a grid over lrs, not a selection) splits the curve by lr instead of mixing them."""
