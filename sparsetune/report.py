@@ -345,30 +345,35 @@ def _table(runs: list[RunInfo], sizes: dict[Path, int | None]) -> list[str]:
 
 
 def _mean_row(runs: list[RunInfo]) -> list[str]:
-    """Per method, each task's primary metric as mean ± std over its runs (seeds), and their average over tasks
-    when the method completed every task: with the same seeds on every task, each seed's average over the tasks,
-    then mean ± std of those, so the spread is the seeds' and not the tasks'."""
+    """Per method, each task's primary metric as mean ± std over its runs, and their average over tasks when the
+    method completed every task: with the same seeds on every task, each seed's average over the tasks, then mean
+    ± std of those, so the spread is the seeds' and not the tasks'."""
     tasks = sorted({r.task for r in runs})
-    values: dict[str, dict[str, dict[object, float]]] = {}
+    values: dict[str, dict[str, dict[object, list[float]]]] = {}
     for r in runs:
         if r.status == "complete" and r.primary in r.metrics:
-            seeds = values.setdefault(r.method, {}).setdefault(r.task, {})
-            seeds[r.recipe.get("seed", len(seeds))] = r.metrics[r.primary]
+            per_seed = values.setdefault(r.method, {}).setdefault(r.task, {})
+            per_seed.setdefault(r.recipe.get("seed"), []).append(r.metrics[r.primary])
 
     def cell(scores: list[float]) -> str:
         mean, std = mean_std(scores)
         return f"{mean:.4f} ± {std:.4f}" if len(scores) > 1 else f"{mean:.4f}"
 
+    def every(per_seed: dict[object, list[float]]) -> list[float]:
+        return [v for vs in per_seed.values() for v in vs]
+
     lines = ["| method | " + " | ".join(tasks) + " | average |", "|" + "---|" * (len(tasks) + 2)]
     for method, per_task in sorted(values.items()):
-        cells = [cell(list(per_task[t].values())) if t in per_task else "—" for t in tasks]
+        cells = [cell(every(per_task[t])) if t in per_task else "—" for t in tasks]
         average = "—"
         if len(per_task) == len(tasks):
             seed_sets = {frozenset(per_seed) for per_seed in per_task.values()}
-            if len(seed_sets) == 1:
-                average = cell([statistics.fmean(per_task[t][s] for t in tasks) for s in sorted(next(iter(seed_sets)))])
+            if len(seed_sets) == 1:  # the same seeds on every task
+                scores = [statistics.fmean(statistics.fmean(per_task[t][s]) for t in tasks)
+                          for s in sorted(seed_sets.pop(), key=str)]
             else:
-                average = f"{statistics.fmean(statistics.fmean(v.values()) for v in per_task.values()):.4f}"
+                scores = [statistics.fmean(statistics.fmean(every(per_task[t])) for t in tasks)]
+            average = cell(scores)
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {average} |")
     return lines
 

@@ -99,11 +99,16 @@ def test_summary_over_tasks_averages_each_seed_then_spreads_over_seeds(tmp_path)
             fake_run(runs, f"{task}-sift-{seed}", {"name": "sift", "budget": 0.008}, task=task,
                      metrics={metric: value}, train=done(1000), seed=seed)
     fake_run(runs, "mrpc-lora-0", {"name": "lora", "r": 3}, metrics={"f1": 0.5}, train=done(1000))
+    for name, task, metric, value in (("mrpc-random-a", "mrpc", "f1", 0.70), ("mrpc-random-b", "mrpc", "f1", 0.74),
+                                      ("sst2-random", "sst2", "accuracy", 0.60)):  # two budgets, one seed: both count
+        fake_run(runs, name, {"name": "sift", "score": "random", "budget": 0.008}, task=task, metrics={metric: value},
+                 train=done(1000))
     out = tmp_path / "report"
     assert run_cli("report", f"{runs}/*", "-o", out, "--no-measure-deltas") == 0
     text = (out / "report.md").read_text()
     assert "| sift | 0.8200 ± 0.0200 | 0.6200 ± 0.0200 | 0.7200 ± 0.0200 |" in text
     assert "| lora | 0.5000 | — | — |" in text
+    assert "| random-sparse | 0.7200 ± 0.0283 | 0.6000 | 0.6600 |" in text
 
 
 def test_budget_curve_averages_seeds_and_lets_each_count_have_its_own_lr(tmp_path):
