@@ -34,6 +34,12 @@ def done(trainable: int) -> dict:
     return {"completed": True, "step": 40, "trainable": trainable, "wall_time_s": 75.0, "peak_rss_bytes": 2**30}
 
 
+def report_text(pattern: str, out: Path) -> str:
+    """`sparsetune report PATTERN -o OUT --no-measure-deltas`, which must succeed; its report.md."""
+    assert run_cli("report", pattern, "-o", out, "--no-measure-deltas") == 0
+    return (out / "report.md").read_text()
+
+
 def test_report_tables_and_plots(tmp_path, capsys):
     runs = tmp_path / "runs"
     for budget, f1 in ((0.001, 0.70), (0.008, 0.80), (0.05, 0.84)):
@@ -54,8 +60,7 @@ def test_report_tables_and_plots(tmp_path, capsys):
     (runs / "notes").mkdir()
     out = tmp_path / "report"
 
-    assert run_cli("report", f"{runs}/*", "-o", out, "--no-measure-deltas") == 0
-    text = (out / "report.md").read_text()
+    text = report_text(f"{runs}/*", out)
     assert "6 runs: 4 complete, 1 incomplete, 1 failed" in text  # `notes` is not a run directory: not listed as one
     assert "| mrpc-stopped | incomplete: stopped at step 20; continue with --resume |" in text
     assert "| mrpc-crashed | failed: logged to step 10, no checkpoint or final state" in text
@@ -80,8 +85,7 @@ def test_seeds_of_one_point_are_summarised_and_overlaps_called_noise(tmp_path):
                      train=done(1000), seed=seed)
     fake_run(runs, "zeroing-0", {"name": "zeroing", "layers": 0.5, "budget": 0.05}, metrics={"f1": 0.5, "accuracy": 0.4}, train=done(1000))  # one seed
     out = tmp_path / "report"
-    assert run_cli("report", f"{runs}/*", "-o", out, "--no-measure-deltas") == 0
-    text = (out / "report.md").read_text()
+    text = report_text(f"{runs}/*", out)
     assert "### mrpc: mean ± standard deviation over seeds" in text
     assert "| full | — | 0.001 | 0, 1, 2 | 0.8200 ± 0.0200 | 0.7200 ± 0.0200 | best |" in text
     assert "| sift | — | 0.001 | 0, 1, 2 | 0.7900 ± 0.0200 | 0.6900 ± 0.0200 | within noise |" in text
@@ -104,8 +108,7 @@ def test_summary_over_tasks_averages_each_seed_then_spreads_over_seeds(tmp_path)
         fake_run(runs, name, {"name": "sift", "score": "random", "budget": 0.008}, task=task, metrics={metric: value},
                  train=done(1000))
     out = tmp_path / "report"
-    assert run_cli("report", f"{runs}/*", "-o", out, "--no-measure-deltas") == 0
-    text = (out / "report.md").read_text()
+    text = report_text(f"{runs}/*", out)
     assert "| sift | 0.8200 ± 0.0200 | 0.6200 ± 0.0200 | 0.7200 ± 0.0200 |" in text
     assert "| lora | 0.5000 | — | — |" in text
     assert "| random-sparse | 0.7200 ± 0.0283 | 0.6000 | 0.6600 |" in text
@@ -142,8 +145,7 @@ def test_runs_with_equal_folder_names_get_distinct_rows_and_images(tmp_path):
         (run / "mask/mask.json").write_text(json.dumps({"per_tensor": {
             f"bert.encoder.layer.{i}.attention.self.query.weight": {"k": i + 1, "numel": 100} for i in range(2)}}))
     out = tmp_path / "report"
-    assert run_cli("report", f"{root}/*/*/*", "-o", out, "--no-measure-deltas") == 0
-    text = (out / "report.md").read_text()
+    text = report_text(f"{root}/*/*/*", out)
     assert "| mrpc-sift/default/seed-0 | complete |" in text and "| mrpc-random/default/seed-0 | complete |" in text
     images = {"entries-mrpc-sift-default-seed-0.png", "entries-mrpc-random-default-seed-0.png"}
     assert images <= {p.name for p in out.glob("*.png")}
