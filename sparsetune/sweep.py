@@ -199,15 +199,14 @@ def _best_lr(runs: list[RunInfo]) -> float | None:
 
 
 def final_points(config: SweepConfig, chosen: dict[str, dict]) -> list[Point]:
-    """The seeds of every grid point; under lr selection at the chosen lr (a point whose selection is not
-    complete has none yet and is left out)."""
-    points = []
-    for recipe, name, overrides in grid_points(config):
-        if config.lr_selection and chosen[name]["lr"] is None:
-            continue
-        lr = [f"train.lr={chosen[name]['lr']!r}"] if config.lr_selection else []
-        points += [Point(f"{name}/seed-{seed}", recipe, overrides + lr + [f"seed={seed}"]) for seed in config.seeds]
-    return points
+    """The seeds of every grid point, first seed of every point before any point's second, so a sweep stopped
+    midway leaves a whole comparison at fewer seeds rather than some points at all seeds and others at none; under
+    lr selection at the chosen lr (a point whose selection is not complete has none yet and is left out)."""
+    ready = [(recipe, name, overrides + ([f"train.lr={chosen[name]['lr']!r}"] if config.lr_selection else []))
+             for recipe, name, overrides in grid_points(config)
+             if not (config.lr_selection and chosen[name]["lr"] is None)]
+    return [Point(f"{name}/seed-{seed}", recipe, overrides + [f"seed={seed}"])
+            for seed in config.seeds for recipe, name, overrides in ready]
 
 
 def choose_lrs(config: SweepConfig, selection: list[Point]) -> dict[str, dict]:

@@ -33,7 +33,8 @@ def test_a_grid_runs_then_is_skipped_and_reported(tmp_path, tiny_bert, glue_root
     path = sweep_file(tmp_path, tiny_bert, glue_root, grid={"train.lr": [1e-3, 1e-2]}, seeds=[0, 1])
     assert run_cli("sweep", path, "--dry-run") == 0
     listed = [line.split() for line in capsys.readouterr().out.splitlines()]
-    names = ["base/lr=0.001/seed-0", "base/lr=0.001/seed-1", "base/lr=0.01/seed-0", "base/lr=0.01/seed-1"]
+    # seed-major: every point's first seed before any second, so a sweep cut short is a whole comparison
+    names = ["base/lr=0.001/seed-0", "base/lr=0.01/seed-0", "base/lr=0.001/seed-1", "base/lr=0.01/seed-1"]
     assert listed == [[n, "final", "new"] for n in names]
     assert not (tmp_path / "sweep").exists()  # a dry run writes nothing
 
