@@ -408,14 +408,19 @@ def _seed_table(runs: list[RunInfo]) -> list[str]:
     sign = -1 if primary in LOWER_IS_BETTER else 1
     best = max(stats, key=lambda k: sign * stats[k][primary][0])
     low, high = stats[best][primary][0] - stats[best][primary][1], stats[best][primary][0] + stats[best][primary][1]
-    header = ["method", "budget", "lr", "seeds", *metric_names, f"{primary} vs best"]
+    # steps and time tell apart points of one method, budget and lr: equal steps against equal wall time, say
+    header = ["method", "budget", "lr", "steps", "seeds", "time per run", *metric_names, f"{primary} vs best"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, group in sorted(points.items(), key=lambda item: -sign * stats[item[0]][primary][0]):
         mean, std = stats[key][primary]
         verdict = ("best" if key == best else "within noise" if mean - std <= high and mean + std >= low
                    else f"{'below' if sign > 0 else 'above'} by {abs(mean - stats[best][primary][0]):.4f}")
+        steps = sorted({r.train.get("step") for r in group if r.train.get("step") is not None})
+        times = [r.wall_time_s for r in group if r.wall_time_s is not None]
         cells = [group[0].method, group[0].budget, _fmt(group[0].lr, "g"),
+                 "—" if not steps else "–".join(f"{n:,}" for n in dict.fromkeys((steps[0], steps[-1]))),
                  ", ".join(str(r.recipe.get("seed", "?")) for r in group),
+                 _fmt_seconds(statistics.fmean(times)) if times else "—",
                  *[f"{stats[key][m][0]:.4f} ± {stats[key][m][1]:.4f}" if m in stats[key] else "—" for m in metric_names],
                  verdict]
         lines.append("| " + " | ".join(cells) + " |")

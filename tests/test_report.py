@@ -15,11 +15,12 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def fake_run(root: Path, name: str, method: dict, task: str = "mrpc", metrics: dict | None = None,
-             train: dict | None = None, rows: list[dict] | None = None, seed: int = 0, lr: float = 1e-3) -> Path:
+             train: dict | None = None, rows: list[dict] | None = None, seed: int = 0, lr: float = 1e-3,
+             max_steps: int = 40) -> Path:
     run = root / name
     (run / "eval").mkdir(parents=True)
     recipe = {"output_dir": str(run), "seed": seed, "model": {"name": "minilm-l6", "max_length": 128},
-              "task": {"name": task}, "method": method, "train": {"max_steps": 40, "lr": lr}}
+              "task": {"name": task}, "method": method, "train": {"max_steps": max_steps, "lr": lr}}
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     manifest = {"recipe_fingerprint": "x", "stages": {"train": train} if train else {}}
     (run / "manifest.json").write_text(json.dumps(manifest))
@@ -87,10 +88,24 @@ def test_seeds_of_one_point_are_summarised_and_overlaps_called_noise(tmp_path):
     out = tmp_path / "report"
     text = report_text(f"{runs}/*", out)
     assert "### mrpc: mean ± standard deviation over seeds" in text
-    assert "| full | — | 0.001 | 0, 1, 2 | 0.8200 ± 0.0200 | 0.7200 ± 0.0200 | best |" in text
-    assert "| sift | — | 0.001 | 0, 1, 2 | 0.7900 ± 0.0200 | 0.6900 ± 0.0200 | within noise |" in text
-    assert "| lora | — | 0.001 | 0, 1, 2 | 0.7100 ± 0.0100 | 0.6100 ± 0.0100 | below by 0.1100 |" in text
+    assert "| full | — | 0.001 | 40 | 0, 1, 2 | 1 min 15 s | 0.8200 ± 0.0200 | 0.7200 ± 0.0200 | best |" in text
+    assert "| sift | — | 0.001 | 40 | 0, 1, 2 | 1 min 15 s | 0.7900 ± 0.0200 | 0.6900 ± 0.0200 | within noise |" in text
+    assert "| lora | — | 0.001 | 40 | 0, 1, 2 | 1 min 15 s | 0.7100 ± 0.0100 | 0.6100 ± 0.0100 | below by 0.1100 |" in text
     assert "| zeroing | 5.0% zeroed" not in text.split("over seeds")[1]  # a single-seed point has no row in the seeds table
+
+
+def test_points_apart_only_in_length_show_their_steps_and_time(tmp_path):
+    """IST at LoRA's steps and at LoRA's wall time: same method, budget and lr, so only the steps and the mean
+    time per run tell the two rows apart."""
+    runs = tmp_path / "runs"
+    ist = {"name": "ist", "base": {"name": "lora", "r": 8}}
+    for steps, seconds, losses in ((30, [2000.0, 2100.0], [1.64, 1.66]), (36, [2400.0, 2420.0], [1.62, 1.63])):
+        for seed, (took, loss) in enumerate(zip(seconds, losses)):
+            fake_run(runs, f"ist-{steps}-{seed}", ist, task="instruct", metrics={"loss": loss}, seed=seed,
+                     max_steps=steps, train=done(1000) | {"step": steps, "wall_time_s": took})
+    text = report_text(f"{runs}/*", tmp_path / "report").split("over seeds")[1]
+    assert "| ist+lora | r=8 | 0.001 | 36 | 0, 1 | 40 min 10 s | 1.6250 ± 0.0071 | best |" in text
+    assert "| ist+lora | r=8 | 0.001 | 30 | 0, 1 | 34 min 10 s | 1.6500 ± 0.0141 | above by 0.0250 |" in text
 
 
 def test_summary_over_tasks_averages_each_seed_then_spreads_over_seeds(tmp_path):
