@@ -418,7 +418,7 @@ def _seed_table(runs: list[RunInfo]) -> list[str]:
         steps = sorted({r.train.get("step") for r in group if r.train.get("step") is not None})
         times = [r.wall_time_s for r in group if r.wall_time_s is not None]
         cells = [group[0].method, group[0].budget, _fmt(group[0].lr, "g"),
-                 "—" if not steps else "–".join(f"{n:,}" for n in dict.fromkeys((steps[0], steps[-1]))),
+                 "—" if not steps else f"{steps[0]:,}" if len(steps) == 1 else f"{steps[0]:,}–{steps[-1]:,}",
                  ", ".join(str(r.recipe.get("seed", "?")) for r in group),
                  _fmt_seconds(statistics.fmean(times)) if times else "—",
                  *[f"{stats[key][m][0]:.4f} ± {stats[key][m][1]:.4f}" if m in stats[key] else "—" for m in metric_names],
