@@ -136,6 +136,9 @@ def load_run(path: Path) -> RunInfo:
         info.status, info.note = "incomplete", "trained; not evaluated (run `sparsetune eval`)"
     elif info.train:
         info.status, info.note = "incomplete", f"stopped at step {info.train.get('step')}; continue with --resume"
+    elif checkpoints := RunDir(path).checkpoint_steps():  # killed (or still running): nothing recorded, but resumable
+        info.status, info.note = "incomplete", (f"logged to step {last}, checkpoint at step {checkpoints[-1]} (still "
+                                                f"running, or killed); continue with --resume")
     elif last:
         info.note = f"logged to step {last}, no checkpoint or final state (still running, crashed or killed)"
     else:

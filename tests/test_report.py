@@ -53,6 +53,8 @@ def test_report_tables_and_plots(tmp_path, capsys):
         for i in range(3) for t in ("query", "key")}}))
     fake_run(runs, "mrpc-stopped", {"name": "full"}, train={"completed": False, "step": 20})
     fake_run(runs, "mrpc-crashed", {"name": "lora", "r": 8}, rows=[{"step": 10, "loss": 0.9}])
+    killed = fake_run(runs, "mrpc-killed", {"name": "lora", "r": 8}, rows=[{"step": s, "loss": 0.9} for s in (10, 20)])
+    (killed / "checkpoints/step-10").mkdir(parents=True)  # killed before it could record a stage: resumable all the same
     importance = [{"step": s, "ist": {"drawn": [s % 4], "importance": [0.5 + 0.01 * b * s / 10 for b in range(4)]}}
                   for s in (1, 11, 21, 31)]
     on_gpu = done(1000) | {"device": "cuda:0", "dtype": "bf16", "peak_device_memory_bytes": 3 * 2**29}
@@ -62,9 +64,11 @@ def test_report_tables_and_plots(tmp_path, capsys):
     out = tmp_path / "report"
 
     text = report_text(f"{runs}/*", out)
-    assert "6 runs: 4 complete, 1 incomplete, 1 failed" in text  # `notes` is not a run directory: not listed as one
+    assert "7 runs: 4 complete, 2 incomplete, 1 failed" in text  # `notes` is not a run directory: not listed as one
     assert "| mrpc-stopped | incomplete: stopped at step 20; continue with --resume |" in text
     assert "| mrpc-crashed | failed: logged to step 10, no checkpoint or final state" in text
+    assert "| mrpc-killed | incomplete: logged to step 20, checkpoint at step 10 (still running, or killed); " \
+           "continue with --resume |" in text
     assert "| mrpc-sift-0.008 | complete | minilm-l6 | sift | 0.80% | 8,000 | 0.8000 | 0.7000 | 40 | 1 min 15 s | — | 1,024 |" in text
     assert "| 40 | 1 min 15 s | cuda:0 bf16 | 1,536 |" in text  # a GPU run: its device's own peak memory
     assert "| ist+lora | — | 0.8100 | — |" in text  # the per-task summary: no average over missing tasks
